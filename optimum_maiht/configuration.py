@@ -1,0 +1,159 @@
+"""`MAIHTConfig`: what to prune and how, validated at construction and stored as `maiht_config.json`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "maiht_config.json"
+
+_PATTERN = re.compile(r"^(\d+):(\d+)$")
+
+# lm_head and embeddings stay dense (tied weights!); MoE routers ("...mlp.gate") are tiny and fragile.
+DEFAULT_IGNORE = [r"(^|\.)lm_head$", r"embed", r"(^|\.)gate$"]
+
+
+@dataclass
+class MAIHTConfig:
+    """Configuration of a mAIHT pruning run.
+
+    Args:
+        sparsity: fraction of weights set to zero in every target layer, ``0 < sparsity < 1``. Defaults to
+            0.5 for unstructured and to ``1 - N/M`` for an N:M pattern (which it must equal if given).
+        pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, ...: keep N of every M consecutive
+            input weights of a row). Layers whose input size is not a multiple of M are skipped, with a
+            warning, and listed as skipped in the report.
+        scope: unstructured comparison group: ``"row"`` (per output channel, Wanda's choice) or ``"layer"``.
+        formulation: ``"constraint"`` (project onto the sparsity set, monotone) or ``"penalty"`` (the
+            paper's l0-penalty form with adaptive lambda; unstructured only).
+        iterations: mAIHT iterations per layer.
+        refit_iterations: conjugate-gradient steps that refit the kept weights on the final mask.
+        ridge: added to the unit diagonal of the column-scaled Gram matrix (keeps the problem well-posed).
+        targets: regexes (``re.search`` on the full module name); a linear layer inside a decoder block is
+            pruned if it matches one of them and none of ``ignore``.
+        ignore: regexes of layers to keep dense. Default: ``lm_head``, embeddings and MoE routers.
+        num_samples: calibration windows.
+        sequence_length: tokens per calibration window (capped at the model's context length).
+        batch_size: calibration windows per forward pass (memory only; does not change the result much).
+        seed: seeds the choice of calibration windows and the power iteration.
+    """
+
+    sparsity: float | None = None
+    pattern: str = "unstructured"
+    scope: str = "row"
+    formulation: str = "constraint"
+    iterations: int = 20
+    refit_iterations: int = 30
+    ridge: float = 0.1
+    targets: list[str] = field(default_factory=lambda: [r".*"])
+    ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))
+    num_samples: int = 128
+    sequence_length: int = 2048
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        nm = self._parse_pattern(self.pattern)
+        implied = None if nm is None else 1.0 - nm[0] / nm[1]
+        if self.sparsity is None:
+            self.sparsity = 0.5 if implied is None else implied
+        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+            raise ValueError(f"sparsity must be a number in (0, 1), got {self.sparsity!r}")
+        self.sparsity = float(self.sparsity)
+        if not 0.0 < self.sparsity < 1.0:
+            raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}; e.g. sparsity=0.5")
+        if implied is not None and abs(self.sparsity - implied) > 1e-9:
+            raise ValueError(
+                f"sparsity={self.sparsity} does not match pattern={self.pattern!r}, which keeps "
+                f"{nm[0]} of {nm[1]} (sparsity {implied:g}); drop sparsity or set it to {implied:g}"
+            )
+        if self.scope not in ("row", "layer"):
+            raise ValueError(f"scope must be 'row' or 'layer', got {self.scope!r}")
+        if self.formulation not in ("constraint", "penalty"):
+            raise ValueError(f"formulation must be 'constraint' or 'penalty', got {self.formulation!r}")
+        if self.formulation == "penalty" and nm is not None:
+            raise ValueError("formulation='penalty' applies to pattern='unstructured' only")
+        for name, low in (("iterations", 0), ("refit_iterations", 0), ("num_samples", 1),
+                          ("sequence_length", 2), ("batch_size", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge >= 0:
+            raise ValueError(f"ridge must be a number >= 0, got {self.ridge!r}")
+        self.ridge = float(self.ridge)
+        for name in ("targets", "ignore"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                value = [value]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"{name} must be a list of regular expressions, got {value!r}")
+            for regex in value:
+                try:
+                    re.compile(regex)
+                except re.error as err:
+                    raise ValueError(f"{name} has an invalid regular expression {regex!r}: {err}") from None
+            setattr(self, name, list(value))
+        if not self.targets:
+            raise ValueError("targets must name at least one regular expression, e.g. ['.*']")
+
+    @staticmethod
+    def _parse_pattern(pattern: Any) -> tuple[int, int] | None:
+        if pattern == "unstructured":
+            return None
+        match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
+        if match is None or not 0 < int(match[1]) < int(match[2]):
+            raise ValueError(
+                f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4', '4:8'), got {pattern!r}"
+            )
+        return int(match[1]), int(match[2])
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """``(N, M)`` for an N:M pattern, ``None`` for unstructured."""
+        return self._parse_pattern(self.pattern)
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any]) -> MAIHTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config_dict) - known)
+        if unknown:
+            raise ValueError(f"unknown MAIHTConfig field(s) {unknown}; known fields: {sorted(known)}")
+        return cls(**config_dict)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> Path:
+        """Write ``maiht_config.json`` into ``save_directory`` (created if needed)."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / CONFIG_NAME).write_text(self.to_json_string())
+        return path / CONFIG_NAME
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | os.PathLike, **hub_kwargs: Any) -> MAIHTConfig:
+        """Read ``maiht_config.json`` from a local folder, a file path, or a Hub repo id."""
+        path = Path(pretrained)
+        if path.is_file():
+            file = path
+        elif path.is_dir():
+            file = path / CONFIG_NAME
+            if not file.is_file():
+                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}; was it saved by optimum-maiht?")
+        else:
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(str(pretrained), CONFIG_NAME, **hub_kwargs))
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{file} is not valid JSON: {err}") from None
+        return cls.from_dict(data)

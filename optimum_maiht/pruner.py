@@ -1,0 +1,205 @@
+"""`MAIHTPruner`: load a causal LM, prune it with mAIHT, save it so that plain transformers loads it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .configuration import MAIHTConfig
+from .data import CalibrationData, prepare_calibration
+from .sequential import LayerReport, prune_sequential
+from .serialization import REPORT_NAME, annotate_model_config, atomic_directory, write_json
+
+logger = logging.getLogger(__name__)
+
+
+def _looks_local(path: str) -> bool:
+    return path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or os.sep == "\\" and "\\" in path
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else CPU; a CUDA request without CUDA is an error."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but CUDA is not available here; use device='cpu'")
+    return device
+
+
+class MAIHTPruner:
+    """Prunes a causal LM with mAIHT, one decoder block at a time.
+
+    >>> pruner = MAIHTPruner.from_pretrained("HuggingFaceTB/SmolLM2-135M", MAIHTConfig(pattern="2:4"))
+    >>> model = pruner.prune(["some calibration text", ...])
+    >>> pruner.save_pretrained("smollm2-maiht-2of4")
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: MAIHTConfig | None = None,
+        tokenizer: Any | None = None,
+        device: str | torch.device | None = None,
+    ):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch / transformers model, got {type(model).__name__}")
+        self.model = model
+        self.config = config if config is not None else MAIHTConfig()
+        if not isinstance(self.config, MAIHTConfig):
+            raise TypeError(f"config must be a MAIHTConfig, got {type(self.config).__name__}")
+        self.tokenizer = tokenizer
+        self.device = resolve_device(device)
+        self.layer_reports: list[LayerReport] = []
+        self._run_info: dict[str, Any] = {}
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_or_path: str | os.PathLike | nn.Module,
+        config: MAIHTConfig | None = None,
+        *,
+        tokenizer: Any | None = None,
+        device: str | torch.device | None = None,
+        **model_kwargs: Any,
+    ) -> MAIHTPruner:
+        """Load from a Hub id or a local folder (``model_kwargs`` go to ``AutoModelForCausalLM``), or wrap
+        an already loaded model. The tokenizer is loaded from the same place when there is one."""
+        if isinstance(model_or_path, nn.Module):
+            model = model_or_path
+            if tokenizer is None:
+                source = getattr(getattr(model, "config", None), "name_or_path", None)
+                tokenizer = _try_tokenizer(source) if source and Path(source).is_dir() else None
+            return cls(model, config, tokenizer, device)
+        from transformers import AutoModelForCausalLM
+
+        source = str(model_or_path)
+        path = Path(source).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{path} is a file; give the model's folder (with config.json) or a Hub id")
+        if not path.exists() and _looks_local(source):
+            raise FileNotFoundError(f"model folder not found: {path}")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path} has no config.json: is it a transformers model folder?")
+        model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else source, **model_kwargs)
+        if tokenizer is None:
+            tokenizer = _try_tokenizer(str(path) if path.is_dir() else source)
+        return cls(model, config, tokenizer, device)
+
+    def prune(self, calibration_dataset: CalibrationData | None = None, *, progress: bool = True) -> nn.Module:
+        """Prune the model in place and return it.
+
+        ``calibration_dataset``: a list of strings, a ``datasets.Dataset`` (``text`` or ``input_ids``), a
+        ``LongTensor[n, seq]`` (used as given), a path to a .txt / .jsonl / .parquet file, or the name of a
+        bundled text; ``None`` uses the bundled WikiText-2 validation excerpt.
+        """
+        config = self.config
+        if calibration_dataset is None:
+            logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
+            calibration_dataset = "wikitext2"
+        seq_len = config.sequence_length
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            logger.warning("sequence_length=%d exceeds the model's context of %d tokens; using %d",
+                           seq_len, limit, limit)
+            seq_len = limit
+        input_ids = prepare_calibration(calibration_dataset, self.tokenizer, config.num_samples, seq_len,
+                                        config.seed)
+        logger.info("calibrating on %d windows of %d tokens on %s", *input_ids.shape, self.device)
+        start = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            self.layer_reports = prune_sequential(self.model, input_ids, config, self.device, progress)
+        finally:
+            self.model.train(was_training)
+        self._run_info = {
+            "calibration": {
+                "source": calibration_dataset if isinstance(calibration_dataset, (str, os.PathLike))
+                else type(calibration_dataset).__name__,
+                "num_samples": int(input_ids.shape[0]),
+                "sequence_length": int(input_ids.shape[1]),
+                "tokens": int(input_ids.numel()),
+                "seed": config.seed,
+            },
+            "device": str(self.device),
+            "seconds": round(time.perf_counter() - start, 2),
+        }
+        return self.model
+
+    @property
+    def report(self) -> dict[str, Any]:
+        """Summary and per-layer results of the last :meth:`prune` (empty before it)."""
+        if not self.layer_reports:
+            return {}
+        pruned = [r for r in self.layer_reports if r.skipped is None]
+        weights = sum(r.shape[0] * r.shape[1] for r in pruned)
+        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in pruned)
+        return {
+            "method": "mAIHT",
+            "base_model": getattr(getattr(self.model, "config", None), "name_or_path", None),
+            "config": self.config.to_dict(),
+            **self._run_info,
+            "sparsity": zeros / weights if weights else 0.0,
+            "layers_pruned": len(pruned),
+            "layers_skipped": len(self.layer_reports) - len(pruned),
+            "versions": _versions(),
+            "layers": [r.to_dict() for r in self.layer_reports],
+        }
+
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: str | int = "5GB"
+    ) -> Path:
+        """Write the pruned model (safetensors, exact zeros), tokenizer, ``maiht_config.json`` and
+        ``maiht_report.json``; atomic, and a non-empty folder is refused unless ``overwrite=True``."""
+        if not self.layer_reports:
+            raise RuntimeError("nothing to save yet: call prune() first")
+        report = self.report
+        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+            self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp)
+            self.config.save_pretrained(tmp)
+            write_json(tmp / REPORT_NAME, report)
+            annotate_model_config(tmp, {
+                "method": "mAIHT",
+                "sparsity": self.config.sparsity,
+                "pattern": self.config.pattern,
+                "measured_sparsity": round(report["sparsity"], 6),
+                "format": "dense",
+                "config_file": "maiht_config.json",
+            })
+        target = Path(save_directory).expanduser().resolve()
+        logger.info("saved the pruned model to %s", target)
+        return target
+
+
+def _try_tokenizer(source: str | None) -> Any | None:
+    if not source:
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        logger.info("no tokenizer loaded from %s (%s); calibrate with token ids", source, err)
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from . import __version__
+
+    return {"optimum_maiht": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version()}
