@@ -78,8 +78,14 @@ class MAIHTConfig:
             raise ValueError(f"formulation must be 'constraint' or 'penalty', got {self.formulation!r}")
         if self.formulation == "penalty" and nm is not None:
             raise ValueError("formulation='penalty' applies to pattern='unstructured' only")
-        for name, low in (("iterations", 0), ("refit_iterations", 0), ("num_samples", 1),
-                          ("sequence_length", 2), ("batch_size", 1), ("seed", 0)):
+        for name, low in (
+            ("iterations", 0),
+            ("refit_iterations", 0),
+            ("num_samples", 1),
+            ("sequence_length", 2),
+            ("batch_size", 1),
+            ("seed", 0),
+        ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")

@@ -20,13 +20,13 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-CalibrationData = Union[str, os.PathLike, Sequence[str], Tensor, Any]  # Any: datasets.Dataset
+CalibrationData = Union[str, os.PathLike, Sequence[str], Tensor, Any]  # noqa: UP007 (Any: datasets.Dataset)
 
 BUNDLED = {
     "wikitext2": "wikitext2_validation_excerpt.txt.gz",
     "wikitext2-test": "wikitext2_test_excerpt.txt.gz",
 }
-"""Text shipped with the package (WikiText-2 excerpts, CC BY-SA 3.0): calibrate on validation, evaluate on test."""
+"""Bundled texts (WikiText-2 excerpts, CC BY-SA 3.0): calibrate on validation, evaluate on test."""
 
 
 def bundled_text(name: str) -> str:
@@ -95,7 +95,7 @@ def token_windows(
     """
     body = sequence_length - len(prefix)
     if body < 1:
-        raise ValueError(f"sequence_length={sequence_length} leaves no room after {len(prefix)} prefix tokens")
+        raise ValueError(f"sequence_length={sequence_length} is too short for {len(prefix)} prefix tokens")
     available = tokens.numel() // body
     wanted = available if num_windows is None else num_windows
     if available < max(wanted, 1):
@@ -116,8 +116,10 @@ def calibration_text(data: CalibrationData) -> str | Tensor:
     """Normalise calibration input to one text, or to a ready ``LongTensor[n, seq]`` of token ids."""
     if isinstance(data, Tensor):
         if data.dim() != 2 or data.dtype not in (torch.long, torch.int32, torch.int64):
-            raise ValueError(f"a calibration tensor must be an integer LongTensor[n, seq], got {data.dtype} "
-                             f"of shape {tuple(data.shape)}")
+            raise ValueError(
+                f"a calibration tensor must be an integer LongTensor[n, seq], got {data.dtype} "
+                f"of shape {tuple(data.shape)}"
+            )
         if data.numel() == 0:
             raise ValueError("the calibration tensor is empty")
         return data.long()

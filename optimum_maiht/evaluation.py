@@ -33,7 +33,8 @@ def perplexity(
     if isinstance(text, str):
         if tokenizer is None:
             raise ValueError("evaluating on text needs a tokenizer")
-        windows = token_windows(tokenize(tokenizer, text), max_windows, sequence_length, special_prefix(tokenizer))
+        prefix = special_prefix(tokenizer)
+        windows = token_windows(tokenize(tokenizer, text), max_windows, sequence_length, prefix)
     elif text.dim() == 2:
         windows = text[:max_windows] if max_windows else text
     else:
@@ -46,8 +47,9 @@ def perplexity(
         for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
             ids = windows[start : start + batch_size].to(device)
             logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
-                                               reduction="sum")
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
             nll += float(loss)
             count += ids[:, 1:].numel()
     model.train(was_training)

@@ -21,7 +21,8 @@ logger = logging.getLogger(__name__)
 
 
 def _looks_local(path: str) -> bool:
-    return path.startswith(("/", "./", "../", "~", ".\\")) or path.count("/") > 1 or os.sep == "\\" and "\\" in path
+    """A Hub id is ``name`` or ``owner/name``; anything else that does not exist is a missing folder."""
+    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -96,25 +97,47 @@ class MAIHTPruner:
             tokenizer = _try_tokenizer(str(path) if path.is_dir() else source)
         return cls(model, config, tokenizer, device)
 
-    def prune(self, calibration_dataset: CalibrationData | None = None, *, progress: bool = True) -> nn.Module:
+    def prune(
+        self,
+        calibration_dataset: CalibrationData | None = None,
+        *,
+        eval_dataset: CalibrationData | None = None,
+        eval_sequence_length: int = 512,
+        eval_max_windows: int | None = 40,
+        progress: bool = True,
+    ) -> nn.Module:
         """Prune the model in place and return it.
 
         ``calibration_dataset``: a list of strings, a ``datasets.Dataset`` (``text`` or ``input_ids``), a
         ``LongTensor[n, seq]`` (used as given), a path to a .txt / .jsonl / .parquet file, or the name of a
         bundled text; ``None`` uses the bundled WikiText-2 validation excerpt.
+        ``eval_dataset`` (same kinds, e.g. ``"wikitext2-test"``): measure perplexity before and after over
+        ``eval_max_windows`` windows of ``eval_sequence_length`` tokens (``None``: all), into the report.
         """
         config = self.config
+        evaluation = None
+        if eval_dataset is not None:
+            before = self._perplexity(eval_dataset, eval_sequence_length, eval_max_windows, progress)
+            evaluation = {
+                "dataset": _describe(eval_dataset),
+                "split": _split_of(eval_dataset),
+                "sequence_length": eval_sequence_length,
+                "windows": eval_max_windows,
+                "perplexity_before": before,
+            }
         if calibration_dataset is None:
             logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
             calibration_dataset = "wikitext2"
         seq_len = config.sequence_length
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         if isinstance(limit, int) and seq_len > limit:
-            logger.warning("sequence_length=%d exceeds the model's context of %d tokens; using %d",
-                           seq_len, limit, limit)
+            logger.warning(
+                "sequence_length=%d exceeds the model's context of %d tokens; using %d", seq_len, limit, limit
+            )
             seq_len = limit
-        input_ids = prepare_calibration(calibration_dataset, self.tokenizer, config.num_samples, seq_len,
-                                        config.seed)
+        input_ids = prepare_calibration(
+            calibration_dataset, self.tokenizer, config.num_samples, seq_len, config.seed
+        )
         logger.info("calibrating on %d windows of %d tokens on %s", *input_ids.shape, self.device)
         start = time.perf_counter()
         was_training = self.model.training
@@ -125,8 +148,7 @@ class MAIHTPruner:
             self.model.train(was_training)
         self._run_info = {
             "calibration": {
-                "source": calibration_dataset if isinstance(calibration_dataset, (str, os.PathLike))
-                else type(calibration_dataset).__name__,
+                "source": _describe(calibration_dataset),
                 "num_samples": int(input_ids.shape[0]),
                 "sequence_length": int(input_ids.shape[1]),
                 "tokens": int(input_ids.numel()),
@@ -135,7 +157,35 @@ class MAIHTPruner:
             "device": str(self.device),
             "seconds": round(time.perf_counter() - start, 2),
         }
+        if evaluation is not None:
+            evaluation["perplexity_after"] = self._perplexity(
+                eval_dataset, eval_sequence_length, eval_max_windows, progress
+            )
+            self._run_info["evaluation"] = evaluation
+            logger.info(
+                "perplexity %.3f -> %.3f", evaluation["perplexity_before"], evaluation["perplexity_after"]
+            )
         return self.model
+
+    def _perplexity(
+        self, data: CalibrationData, sequence_length: int, max_windows: int | None, progress: bool
+    ) -> float:
+        from .evaluation import perplexity
+
+        home = next(self.model.parameters()).device
+        self.model.to(self.device)
+        try:
+            return perplexity(
+                self.model,
+                self.tokenizer,
+                data,
+                sequence_length,
+                max_windows,
+                batch_size=self.config.batch_size,
+                progress=progress,
+            )
+        finally:
+            self.model.to(home)
 
     @property
     def report(self) -> dict[str, Any]:
@@ -171,17 +221,38 @@ class MAIHTPruner:
                 self.tokenizer.save_pretrained(tmp)
             self.config.save_pretrained(tmp)
             write_json(tmp / REPORT_NAME, report)
-            annotate_model_config(tmp, {
-                "method": "mAIHT",
-                "sparsity": self.config.sparsity,
-                "pattern": self.config.pattern,
-                "measured_sparsity": round(report["sparsity"], 6),
-                "format": "dense",
-                "config_file": "maiht_config.json",
-            })
+            annotate_model_config(
+                tmp,
+                {
+                    "method": "mAIHT",
+                    "sparsity": self.config.sparsity,
+                    "pattern": self.config.pattern,
+                    "measured_sparsity": round(report["sparsity"], 6),
+                    "format": "dense",
+                    "config_file": "maiht_config.json",
+                },
+            )
         target = Path(save_directory).expanduser().resolve()
         logger.info("saved the pruned model to %s", target)
         return target
+
+
+_BUNDLED_SPLITS = {"wikitext2": "validation", "wikitext2-test": "test"}
+
+
+def _describe(data: Any) -> str:
+    """A short, JSON-friendly name for calibration / evaluation data, for the report and the card."""
+    if isinstance(data, (str, os.PathLike)):
+        split = _BUNDLED_SPLITS.get(str(data))
+        return f"wikitext-2-raw-v1 ({split} excerpt bundled with optimum-maiht)" if split else str(data)
+    if isinstance(data, torch.Tensor):
+        return f"token ids {list(data.shape)}"
+    return type(data).__name__
+
+
+def _split_of(data: Any) -> str | None:
+    name = str(data) if isinstance(data, (str, os.PathLike)) else ""
+    return _BUNDLED_SPLITS.get(name) or next((s for s in ("test", "validation", "train") if s in name), None)
 
 
 def _try_tokenizer(source: str | None) -> Any | None:
@@ -201,5 +272,9 @@ def _versions() -> dict[str, str]:
 
     from . import __version__
 
-    return {"optimum_maiht": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
+    return {
+        "optimum_maiht": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }

@@ -103,7 +103,7 @@ def find_target_layers(
         if outside:
             hint = f" ({outside[:3]} match, but only layers inside the decoder blocks are pruned"
             if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-                hint += "; lm_head is tied to the input embedding here and pruning it would zero the embedding"
+                hint += "; lm_head is tied to the input embedding here: pruning it would zero the embedding"
             hint += ")"
         raise ValueError(
             f"no target layers: targets={config.targets} and ignore={config.ignore} select no nn.Linear / "
@@ -158,8 +158,11 @@ def capture_block_inputs(
             if i == 0:
                 hidden.append(h)
                 if not tuple_tail:
-                    real = (real_forward(*rest, hidden_states=h, **kwargs) if by_keyword
-                            else real_forward(h, *rest, **kwargs))
+                    real = (
+                        real_forward(*rest, hidden_states=h, **kwargs)
+                        if by_keyword
+                        else real_forward(h, *rest, **kwargs)
+                    )
                     tuple_tail.append(len(real) - 1 if isinstance(real, tuple) else None)
             if i == len(blocks) - 1:
                 raise _StopForward
@@ -238,7 +241,7 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
     """Move every parameter and buffer that is not inside the decoder blocks (embeddings, norms...)."""
     inside = {id(t) for t in blocks.parameters()} | {id(t) for t in blocks.buffers()}
     for module in model.modules():
-        for key, param in module._parameters.items():
+        for param in module._parameters.values():
             if param is not None and id(param) not in inside and param.device != device:
                 param.data = param.data.to(device)
         for key, buf in module._buffers.items():
@@ -273,17 +276,20 @@ def prune_sequential(
         if layers:
             collector = GramCollector(layers)
             with torch.no_grad():
-                for h, call in zip(hidden, calls[i]):
+                for h, call in zip(hidden, calls[i], strict=True):
                     call.run(block, h)
                     collector.end_batch()
             collector.remove()
             for name, layer in layers.items():
                 reports.append(_prune_layer(name, layer, collector, config, nm))
         with torch.no_grad():
-            hidden = [call.run(block, h) for h, call in zip(hidden, calls[i])]
+            hidden = [call.run(block, h) for h, call in zip(hidden, calls[i], strict=True)]
         if not all(bool(torch.isfinite(h).all()) for h in hidden):
-            logger.warning("block %d produced non-finite activations (fp16 overflow?); those tokens are left "
-                           "out of the next Gram matrices: consider loading the model in bfloat16 or float32", i)
+            logger.warning(
+                "block %d produced non-finite activations (fp16 overflow?); those tokens are left "
+                "out of the next Gram matrices: load the model in bfloat16 or float32",
+                i,
+            )
         blocks[i].to(home)
     return reports
 
@@ -294,15 +300,24 @@ def _prune_layer(
     weight = weight_matrix(layer)
     shape = list(weight.shape)
     if nm is not None and shape[1] % nm[1]:
-        logger.warning("skipping %s: input size %d is not a multiple of M=%d for pattern %s",
-                       name, shape[1], nm[1], config.pattern)
-        return LayerReport(name, shape, 0.0, 0.0, 0.0, 0, 0.0,
-                           skipped=f"input size {shape[1]} is not a multiple of {nm[1]}")
+        logger.warning(
+            "skipping %s: input size %d is not a multiple of M=%d for pattern %s",
+            name,
+            shape[1],
+            nm[1],
+            config.pattern,
+        )
+        return LayerReport(
+            name, shape, 0.0, 0.0, 0.0, 0, 0.0, skipped=f"input size {shape[1]} is not a multiple of {nm[1]}"
+        )
     if name not in collector.gram:
-        raise RuntimeError(f"{name} was never called during calibration; it cannot be pruned (add it to ignore)")
+        raise RuntimeError(f"{name} was not called during calibration; add it to ignore to keep it dense")
     if collector.dropped_tokens.get(name):
-        logger.warning("%s: %d calibration tokens with non-finite activations were left out",
-                       name, collector.dropped_tokens[name])
+        logger.warning(
+            "%s: %d calibration tokens with non-finite activations were left out",
+            name,
+            collector.dropped_tokens[name],
+        )
     start = time.perf_counter()
     result = maiht_prune(
         weight.detach(),
@@ -320,7 +335,14 @@ def _prune_layer(
         weight.copy_(result.weight)
     seconds = time.perf_counter() - start
     sparsity = float((result.weight == 0).float().mean())
-    logger.info("%s: sparsity %.3f, relative error %.4g -> %.4g (%.2fs)",
-                name, sparsity, result.error_init, result.error, seconds)
-    return LayerReport(name, shape, sparsity, result.error_init, result.error, result.iterations, seconds,
-                       result.history)
+    logger.info(
+        "%s: sparsity %.3f, relative error %.4g -> %.4g (%.2fs)",
+        name,
+        sparsity,
+        result.error_init,
+        result.error,
+        seconds,
+    )
+    return LayerReport(
+        name, shape, sparsity, result.error_init, result.error, result.iterations, seconds, result.history
+    )

@@ -63,9 +63,7 @@ def _topk_mask(scores: Tensor, k: int, dim: int) -> Tensor:
     return mask
 
 
-def project(
-    values: Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
-) -> Tensor:
+def project(values: Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row") -> Tensor:
     """Mask of the entries the hard-thresholding projection keeps (largest ``|values|``).
 
     ``nm=(N, M)`` keeps N of every M consecutive entries of a row; otherwise unstructured, comparing

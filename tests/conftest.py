@@ -11,8 +11,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 VOCAB = 128
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=128)
+COMMON = dict(
+    vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=128
+)
 
 
 def _configs():
@@ -20,20 +21,40 @@ def _configs():
 
     return {
         "llama": lambda: tf.LlamaConfig(**COMMON, intermediate_size=128, num_key_value_heads=2),
-        "mistral": lambda: tf.MistralConfig(**COMMON, intermediate_size=128, num_key_value_heads=2,
-                                            sliding_window=16),
+        "mistral": lambda: tf.MistralConfig(
+            **COMMON, intermediate_size=128, num_key_value_heads=2, sliding_window=16
+        ),
         "qwen2": lambda: tf.Qwen2Config(**COMMON, intermediate_size=128, num_key_value_heads=2),
         "qwen3": lambda: tf.Qwen3Config(**COMMON, intermediate_size=128, num_key_value_heads=2, head_dim=16),
-        "gemma3": lambda: tf.Gemma3TextConfig(**COMMON, intermediate_size=128, num_key_value_heads=2,
-                                              head_dim=16, sliding_window=8, layer_types=["sliding_attention",
-                                                                                          "full_attention"]),
-        "phi3": lambda: tf.Phi3Config(**COMMON, intermediate_size=128, num_key_value_heads=2,
-                                      pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "gpt2": lambda: tf.GPT2Config(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
-                                      bos_token_id=1, eos_token_id=2),
-        "opt": lambda: tf.OPTConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, ffn_dim=128,
-                                    num_attention_heads=4, max_position_embeddings=128,
-                                    word_embed_proj_dim=64, pad_token_id=1),
+        "gemma3": lambda: tf.Gemma3TextConfig(
+            **COMMON,
+            intermediate_size=128,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
+        "phi3": lambda: tf.Phi3Config(
+            **COMMON,
+            intermediate_size=128,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
+        "gpt2": lambda: tf.GPT2Config(
+            vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=2
+        ),
+        "opt": lambda: tf.OPTConfig(
+            vocab_size=VOCAB,
+            hidden_size=64,
+            num_hidden_layers=2,
+            ffn_dim=128,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            word_embed_proj_dim=64,
+            pad_token_id=1,
+        ),
         "gpt_neox": lambda: tf.GPTNeoXConfig(**COMMON, intermediate_size=128),
     }
 
