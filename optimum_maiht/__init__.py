@@ -1,9 +1,52 @@
-"""optimum-maiht: one-shot pruning of causal LMs with mAIHT, an Optimum plugin."""
+"""optimum-maiht: one-shot pruning of causal LMs with mAIHT, an Optimum plugin.
 
-from .configuration import MAIHTConfig
-from .pruner import MAIHTPruner
-from .solver import SolverResult, maiht_prune
+Exports are imported lazily, so that ``optimum-cli`` (which imports our command module at start-up for
+every command) does not pay for torch unless a mAIHT command actually runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["MAIHTConfig", "MAIHTPruner", "SolverResult", "maiht_prune", "__version__"]
+_LAZY = {
+    "MAIHTConfig": ".configuration",
+    "MAIHTPruner": ".pruner",
+    "MAIHTModelForCausalLM": ".modeling",
+    "SolverResult": ".solver",
+    "maiht_prune": ".solver",
+    "push_to_hub": ".hub",
+    "enable_2of4_kernels": ".kernels",
+}
+__all__ = [
+    "MAIHTConfig",
+    "MAIHTModelForCausalLM",
+    "MAIHTPruner",
+    "SolverResult",
+    "enable_2of4_kernels",
+    "maiht_prune",
+    "push_to_hub",
+    "__version__",
+]
+
+if TYPE_CHECKING:
+    from .configuration import MAIHTConfig
+    from .hub import push_to_hub
+    from .kernels import enable_2of4_kernels
+    from .modeling import MAIHTModelForCausalLM
+    from .pruner import MAIHTPruner
+    from .solver import SolverResult, maiht_prune
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

