@@ -33,7 +33,7 @@ def bundled_text(name: str) -> str:
     """The bundled text ``name`` (one of :data:`BUNDLED`)."""
     if name not in BUNDLED:
         raise ValueError(f"unknown bundled text {name!r}; choose one of {sorted(BUNDLED)}")
-    with resources.files("optimum_maiht").joinpath("data", BUNDLED[name]).open("rb") as f:
+    with resources.files("optimum_maiht").joinpath("texts", BUNDLED[name]).open("rb") as f:
         return gzip.decompress(f.read()).decode("utf-8")
 
 

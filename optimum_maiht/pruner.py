@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from .compressed import save_compressed
 from .configuration import MAIHTConfig
 from .data import CalibrationData, prepare_calibration
+from .hub import push_to_hub, write_model_card
 from .sequential import LayerReport, prune_sequential
 from .serialization import REPORT_NAME, annotate_model_config, atomic_directory, write_json
 
@@ -208,15 +211,34 @@ class MAIHTPruner:
         }
 
     def save_pretrained(
-        self, save_directory: str | os.PathLike, *, overwrite: bool = False, max_shard_size: str | int = "5GB"
+        self,
+        save_directory: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        max_shard_size: str | int = "5GB",
+        save_format: str = "dense",
+        model_card: dict[str, Any] | None = None,
     ) -> Path:
-        """Write the pruned model (safetensors, exact zeros), tokenizer, ``maiht_config.json`` and
-        ``maiht_report.json``; atomic, and a non-empty folder is refused unless ``overwrite=True``."""
+        """Write the pruned model, tokenizer, ``maiht_config.json``, ``maiht_report.json`` and the model card
+        ``README.md``; atomic, and a non-empty folder is refused unless ``overwrite=True``.
+
+        ``save_format="dense"``: transformers safetensors with exact zeros (plain ``AutoModelForCausalLM``
+        loads it); ``"compressed"``: kept values plus packed masks, about half the bytes at 50%, loaded with
+        :class:`optimum_maiht.MAIHTModelForCausalLM`. ``model_card``: keyword arguments of
+        :func:`optimum_maiht.hub.render_model_card`, e.g. ``{"license": "apache-2.0"}``.
+        """
+        if save_format not in ("dense", "compressed"):
+            raise ValueError(f"save_format must be 'dense' or 'compressed', got {save_format!r}")
         if not self.layer_reports:
             raise RuntimeError("nothing to save yet: call prune() first")
         report = self.report
         with atomic_directory(save_directory, overwrite=overwrite) as tmp:
-            self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            if save_format == "dense":
+                self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
+            else:
+                nm = self.config.nm
+                pruned = {f"{r.name}.weight": nm for r in self.layer_reports if r.skipped is None}
+                save_compressed(self.model, tmp, pruned, max_shard_size=max_shard_size)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             self.config.save_pretrained(tmp)
@@ -228,13 +250,45 @@ class MAIHTPruner:
                     "sparsity": self.config.sparsity,
                     "pattern": self.config.pattern,
                     "measured_sparsity": round(report["sparsity"], 6),
-                    "format": "dense",
+                    "format": save_format,
                     "config_file": "maiht_config.json",
                 },
             )
+            write_model_card(tmp, report, **(model_card or {}))  # after config.json: it reads the format
         target = Path(save_directory).expanduser().resolve()
-        logger.info("saved the pruned model to %s", target)
+        logger.info("saved the pruned model (%s) to %s", save_format, target)
         return target
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        token: str | None = None,
+        create_pr: bool = False,
+        commit_message: str | None = None,
+        revision: str | None = None,
+        endpoint: str | None = None,
+        save_format: str = "dense",
+        model_card: dict[str, Any] | None = None,
+    ) -> str:
+        """Save into a temporary folder (as :meth:`save_pretrained`, the card naming ``repo_id``) and upload
+        it with :func:`optimum_maiht.hub.push_to_hub`; returns the commit or PR URL. A folder saved earlier
+        is pushed with ``optimum_maiht.push_to_hub(folder, repo_id, ...)``. The token comes from ``token``,
+        ``HF_TOKEN`` or the cached login, and is never written anywhere."""
+        with tempfile.TemporaryDirectory(prefix="maiht-push-") as tmp:
+            card = {"repo_id": repo_id, **(model_card or {})}
+            folder = self.save_pretrained(Path(tmp) / "model", save_format=save_format, model_card=card)
+            return push_to_hub(
+                folder,
+                repo_id,
+                private=private,
+                token=token,
+                create_pr=create_pr,
+                commit_message=commit_message,
+                revision=revision,
+                endpoint=endpoint,
+            )
 
 
 _BUNDLED_SPLITS = {"wikitext2": "validation", "wikitext2-test": "test"}
