@@ -123,7 +123,12 @@ def lambda_max(g: Tensor, iterations: int = 50, seed: int = 0) -> float:
 
 def _row_objective(e: Tensor, eg: Tensor) -> Tensor:
     """Per-row ``1/2 e G e^T`` given ``e`` and ``e @ G``."""
-    return 0.5 * (e * eg).sum(dim=1)
+    return 0.5 * torch.linalg.vecdot(e, eg, dim=1)
+
+
+def _keep(values: Tensor, mask: Tensor) -> Tensor:
+    """``values`` where ``mask``, else +0.0 (a product with the mask would leave -0.0 behind)."""
+    return torch.where(mask, values, 0.0)
 
 
 def relative_output_error(weight: Tensor, weight0: Tensor, hessian: Tensor) -> float:
@@ -143,7 +148,7 @@ def magnitude_prune(
     weight: Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
 ) -> Tensor:
     """Keep the largest ``|W|``: the classic magnitude baseline."""
-    return weight * project(weight.float(), sparsity, nm, scope).to(weight.dtype)
+    return _keep(weight, project(weight.float(), sparsity, nm, scope))
 
 
 def wanda_prune(
@@ -151,7 +156,7 @@ def wanda_prune(
 ) -> Tensor:
     """Keep the largest ``|W_ij| * ||X_j||`` (Wanda, Sun et al. 2023), no weight update."""
     d, _ = column_scale(hessian.to(weight.device), 0.0)
-    return weight * project(weight.float() * d, sparsity, nm, scope).to(weight.dtype)
+    return _keep(weight, project(weight.float() * d, sparsity, nm, scope))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -205,7 +210,7 @@ def maiht_prune(
     row_separable = nm is not None or scope == "row" or formulation == "penalty"
 
     def proj(u: Tensor) -> Tensor:
-        return u * project(u, sparsity, nm, scope)
+        return _keep(u, project(u, sparsity, nm, scope))
 
     def grad_and_obj(x: Tensor) -> tuple[Tensor, Tensor]:
         e = x - v0
@@ -233,16 +238,17 @@ def maiht_prune(
 
     def prox(u: Tensor) -> Tensor:
         if formulation == "penalty":
-            return u * (u.abs() > math.sqrt(2 * lam * step))
+            return _keep(u, u.abs() > math.sqrt(2 * lam * step))
         return proj(u)
 
     for _ in range(iterations):
         a, b = t_prev / t, (t_prev - 1.0) / t
-        y = x + a * (z - x) + b * (x - x_prev)
-        gy = gx + a * (gz - gx) + b * (gx - gx_prev)  # grad f is affine: no matmul needed for Y
-        z = prox(y - step * gy)
+        # Y = X + a (Z - X) + b (X - X_prev); grad f is affine, so grad f(Y) is the same combination
+        y = x.mul(1.0 - a + b).add_(z, alpha=a).sub_(x_prev, alpha=b)
+        gy = gx.mul(1.0 - a + b).add_(gz, alpha=a).sub_(gx_prev, alpha=b)
+        z = prox(y.sub_(gy, alpha=step))
         gz, fz = grad_and_obj(z)
-        vn = prox(x - step * gx)
+        vn = prox(torch.add(x, gx, alpha=-step))
         gv, fv = grad_and_obj(vn)
         t_prev, t = t, (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
 
@@ -267,17 +273,17 @@ def maiht_prune(
     # with zeros where a kept weight happens to be exactly zero); the penalty form needs the final top-k.
     mask = project(x, sparsity, nm, scope)
     if formulation == "penalty":
-        x = x * mask
+        x = _keep(x, mask)
         gx, fx = grad_and_obj(x)
         history.append(_total(fx))
 
     x, fx, refit_history = _refit(x, fx, v0, g, mask, refit_iterations)
     history.extend(refit_history)
 
-    w = (x / d).to(weight.dtype)
+    w = _keep(x / d, mask).to(weight.dtype)
     if not torch.isfinite(w).all():
         raise FloatingPointError("mAIHT produced non-finite weights; check the calibration activations")
-    w0_init = w0 * project(v0, sparsity, nm, scope)
+    w0_init = _keep(w0, project(v0, sparsity, nm, scope))
     return SolverResult(
         weight=w,
         mask=mask,
@@ -301,20 +307,20 @@ def _refit(
     eg = (x - v0) @ g
     r = -eg * m
     p = r.clone()
-    rs = (r * r).sum(dim=1)
+    rs = torch.linalg.vecdot(r, r, dim=1)
     tiny = torch.finfo(x.dtype).tiny
     best_x, best_f = x, fx
     for _ in range(steps):
         pg = p @ g
         ap = pg * m
-        curv = (p * ap).sum(dim=1)
+        curv = torch.linalg.vecdot(p, ap, dim=1)
         alpha = torch.where(curv > tiny, rs / curv.clamp_min(tiny), torch.zeros_like(rs))
-        x = x + alpha[:, None] * p
-        eg = eg + alpha[:, None] * pg
-        r = r - alpha[:, None] * ap
-        rs_new = (r * r).sum(dim=1)
+        x = torch.addcmul(x, alpha[:, None], p)
+        eg = torch.addcmul(eg, alpha[:, None], pg)
+        r = torch.addcmul(r, alpha[:, None], ap, value=-1.0)
+        rs_new = torch.linalg.vecdot(r, r, dim=1)
         beta = torch.where(rs > tiny, rs_new / rs.clamp_min(tiny), torch.zeros_like(rs))
-        p = r + beta[:, None] * p
+        p = torch.addcmul(r, beta[:, None], p)
         rs = rs_new
         # CG lowers the energy every step in exact arithmetic; keeping each row's best iterate makes the
         # history non-increasing in floating point too.
@@ -323,7 +329,7 @@ def _refit(
         best_x = torch.where(better[:, None], x, best_x)
         best_f = torch.where(better, f, best_f)
         history.append(_total(best_f))
-    return best_x * m, best_f, history
+    return _keep(best_x, mask), best_f, history
 
 
 def _total(row_objective: Tensor) -> float:

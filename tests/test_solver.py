@@ -76,6 +76,7 @@ def test_monotone_exact_and_better_than_baselines(layer, sparsity, nm, scope):
 
     assert_pattern(result.weight, sparsity, nm, scope)
     assert torch.equal(result.mask, result.weight != 0)
+    assert not torch.signbit(result.weight[~result.mask]).any(), "pruned entries are +0.0, never -0.0"
     assert result.weight.dtype == w.dtype and result.weight.shape == w.shape
 
     err = relative_output_error(result.weight, w, h)

@@ -1,0 +1,287 @@
+"""The compact sparse checkpoint format: exact round trips, size, refusal by plain transformers, damage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.compressed import (
+    COMPRESSED_INDEX_NAME,
+    CompressedCheckpointError,
+    compress_nm,
+    compress_unstructured,
+    decompress,
+    load_compressed_state_dict,
+    pack_bitmask,
+    save_compressed,
+    unpack_bitmask,
+)
+from optimum_maiht.modeling import MAIHTModelForCausalLM
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prune(model, pattern: str) -> dict[str, tuple[int, int] | None]:
+    """Prune with mAIHT (one cheap iteration: only the format is under test here) and return the
+    ``sparse_layers`` of the pruned weights."""
+    config = MAIHTConfig(pattern=pattern, iterations=1, refit_iterations=0, sequence_length=32)
+    pruner = MAIHTPruner(model, config, device="cpu")
+    pruner.prune(calibration_ids(4, 32), progress=False)
+    layers = {f"{r['name']}.weight": config.nm for r in pruner.report["layers"] if r["skipped"] is None}
+    assert layers
+    return layers
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def assert_same_model(expected, loaded) -> None:
+    want, got = expected.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    ids = calibration_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(expected(ids).logits, loaded(ids).logits)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("dtype", sorted(DTYPES))
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
+def test_round_trip_is_exact(tmp_path, arch, dtype, pattern):
+    model = make_tiny_model(arch, dtype=DTYPES[dtype])
+    layers = prune(model, pattern)
+    save_compressed(model, tmp_path, layers)
+
+    index = json.loads((tmp_path / COMPRESSED_INDEX_NAME).read_text())
+    assert set(index["metadata"]["layers"]) == set(layers)
+    encoding = {"unstructured": "bitmask"}.get(pattern, "n:m")
+    assert {info["encoding"] for info in index["metadata"]["layers"].values()} == {encoding}
+    assert not set(layers) & set(index["weight_map"]), "pruned weights must not be stored dense"
+    if arch == "gpt2" and pattern != "unstructured":  # Conv1D: N:M stored in the (out, in) view
+        assert all(info["transposed"] for info in index["metadata"]["layers"].values())
+    with safe_open(str(tmp_path / next(iter(index["weight_map"].values()))), framework="pt") as shard:
+        assert shard.metadata()["format"] == "pt" and shard.metadata()["maiht_format"] == "maiht-compressed"
+
+    loaded = MAIHTModelForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(model) and loaded.dtype == DTYPES[dtype]
+    assert_same_model(model, loaded)
+
+
+def test_tied_weights_written_once_and_tied_again(tmp_path):
+    model = make_tiny_model("gpt2")
+    save_compressed(model, tmp_path, prune(model, "unstructured"), max_shard_size="30KB")
+    index = json.loads((tmp_path / COMPRESSED_INDEX_NAME).read_text())
+    assert index["metadata"]["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert "lm_head.weight" not in index["weight_map"]
+    assert len(set(index["weight_map"].values())) > 1, "expected several shards"
+    loaded = MAIHTModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight.data_ptr() == loaded.transformer.wte.weight.data_ptr()
+    assert_same_model(model, loaded)
+
+
+def test_dtype_and_other_options_pass_through(tmp_path):
+    model = make_tiny_model("llama", dtype=torch.bfloat16)
+    save_compressed(model, tmp_path, prune(model, "2:4"))
+    loaded, info = MAIHTModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
+                                                         output_loading_info=True)
+    assert loaded.dtype == torch.float32 and not info["missing_keys"]
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], tensor.float()), name
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("pattern", ["unstructured", "2:4"])
+def test_compressed_folder_is_at_most_060_of_dense(tmp_path, dtype, pattern):
+    import transformers
+
+    # wide layers and a small vocabulary, so the dense embeddings do not dominate the folder
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                      tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
+    layers = prune(model, pattern)
+    model.save_pretrained(tmp_path / "dense")
+    save_compressed(model, tmp_path / "compressed", layers)
+    ratio = folder_bytes(tmp_path / "compressed") / folder_bytes(tmp_path / "dense")
+    assert ratio <= 0.6, f"compressed / dense = {ratio:.3f}"  # about 0.54 (fp32), 0.57 (bf16)
+    assert_same_model(model, MAIHTModelForCausalLM.from_pretrained(tmp_path / "compressed"))
+
+
+def test_plain_transformers_refuses_with_a_pointer_to_the_loader(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, prune(model, "unstructured"))
+    with pytest.raises(Exception, match=r"optimum_maiht\.MAIHTModelForCausalLM"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_lead_annotation_keeps_the_folder_loadable(tmp_path):
+    from optimum_maiht.serialization import annotate_model_config
+
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, prune(model, "2:4"))
+    annotate_model_config(tmp_path, {"method": "mAIHT", "format": "compressed"})
+    loaded = MAIHTModelForCausalLM.from_pretrained(tmp_path)
+    assert not hasattr(loaded.config, "transformers_weights")
+    assert_same_model(model, loaded)
+
+
+def test_pruner_saves_compressed_and_dense(tmp_path, tokenizer):
+    model = make_tiny_model("gpt2")
+    pruner = MAIHTPruner(model, MAIHTConfig(pattern="2:4", iterations=1, refit_iterations=0), tokenizer,
+                         device="cpu")
+    pruner.prune(calibration_ids(4, 32), progress=False)
+    pruner.save_pretrained(tmp_path / "compressed", save_format="compressed")
+    pruner.save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "compressed" / "config.json").read_text())
+    assert config["maiht"]["format"] == "compressed"
+    assert (tmp_path / "compressed" / "maiht_config.json").is_file()
+    assert folder_bytes(tmp_path / "compressed") < folder_bytes(tmp_path / "dense")
+    for folder in ("compressed", "dense"):
+        assert_same_model(model, MAIHTModelForCausalLM.from_pretrained(tmp_path / folder))
+    with pytest.raises(ValueError, match="save_format"):
+        pruner.save_pretrained(tmp_path / "other", save_format="gguf")
+
+
+def test_dense_folder_loads_as_usual(tmp_path):
+    model = make_tiny_model("llama")
+    prune(model, "unstructured")
+    model.save_pretrained(tmp_path)
+    assert_same_model(model, MAIHTModelForCausalLM.from_pretrained(tmp_path))
+
+
+def test_hub_repo_id_is_downloaded_with_the_given_options(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, prune(model, "unstructured"))
+    calls = []
+
+    def fake_hf_hub_download(repo_id, filename, **kwargs):
+        calls.append(("file", repo_id, filename, kwargs))
+        return str(tmp_path / filename)
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append(("snapshot", repo_id, kwargs))
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    loaded = MAIHTModelForCausalLM.from_pretrained("user/tiny-maiht", revision="v1")
+    assert calls[0] == ("file", "user/tiny-maiht", "config.json", {"revision": "v1"})
+    assert calls[1][:2] == ("snapshot", "user/tiny-maiht") and calls[1][2]["revision"] == "v1"
+    assert "model-compressed*.safetensors" in calls[1][2]["allow_patterns"]
+    assert loaded.config.name_or_path == "user/tiny-maiht"
+    assert_same_model(model, loaded)
+
+
+# --------------------------------------------------------------------------------------------------
+# damaged or incomplete folders
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, prune(model, "unstructured"), max_shard_size="40KB")
+    index = json.loads((tmp_path / COMPRESSED_INDEX_NAME).read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    return tmp_path, index
+
+
+def test_missing_index_is_named(saved):
+    folder, _ = saved
+    (folder / COMPRESSED_INDEX_NAME).unlink()
+    with pytest.raises(FileNotFoundError, match=COMPRESSED_INDEX_NAME):
+        MAIHTModelForCausalLM.from_pretrained(folder)
+
+
+def test_missing_shard_is_named(saved):
+    folder, index = saved
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (folder / shard).unlink()
+    with pytest.raises(FileNotFoundError, match=shard):
+        MAIHTModelForCausalLM.from_pretrained(folder)
+
+
+def test_truncated_shard_is_reported(saved):
+    folder, index = saved
+    shard = folder / sorted(set(index["weight_map"].values()))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(CompressedCheckpointError, match="damaged or truncated"):
+        load_compressed_state_dict(folder)
+
+
+def test_inconsistent_bitmask_is_reported(saved):
+    folder, index = saved
+    name = next(n for n in index["weight_map"] if n.endswith(".bitmask"))
+    shard = folder / index["weight_map"][name]
+    with safe_open(str(shard), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(shard)
+    tensors[name][0, 0] ^= 1  # one weight more or fewer than the stored values
+    save_file(tensors, str(shard), metadata=metadata)
+    with pytest.raises(CompressedCheckpointError, match="do not match the bitmask"):
+        load_compressed_state_dict(folder)
+
+
+def test_newer_format_version_asks_for_an_upgrade(saved):
+    folder, index = saved
+    index["metadata"]["maiht_format_version"] = 99
+    (folder / COMPRESSED_INDEX_NAME).write_text(json.dumps(index))
+    with pytest.raises(CompressedCheckpointError, match="pip install -U optimum-maiht"):
+        load_compressed_state_dict(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# the encodings and argument checks
+
+
+@pytest.mark.parametrize("cols", [1, 7, 8, 13, 64])
+def test_bitmask_packing_round_trips(cols):
+    mask = torch.rand(5, cols, generator=torch.Generator().manual_seed(cols)) < 0.5
+    packed = pack_bitmask(mask)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, -(-cols // 8))
+    assert torch.equal(unpack_bitmask(packed, cols), mask)
+
+
+def test_nan_is_kept_and_negative_zero_restored_as_zero():
+    weight = torch.tensor([[1.5, -0.0, float("nan"), 0.0], [0.0, 0.0, 0.0, -2.0]])
+    parts = compress_unstructured(weight)
+    assert parts["compressed"].numel() == 3 and parts["row_offsets"].tolist() == [0, 2]
+    restored = decompress("w", {"encoding": "bitmask", "dtype": "float32"}, parts)
+    assert torch.equal(restored.isnan(), weight.isnan())  # NaN != NaN: compare NaNs and the rest apart
+    assert torch.equal(torch.nan_to_num(restored), torch.nan_to_num(weight))
+
+
+def test_nm_groups_with_fewer_nonzeros_are_padded():
+    weight = torch.tensor([[0.0, 0.0, 0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])
+    parts = compress_nm(weight, 2, 4)
+    assert parts["compressed"].shape == (1, 4)
+    info = {"encoding": "n:m", "n": 2, "m": 4, "dtype": "float32"}
+    assert torch.equal(decompress("w", info, parts), weight)
+
+
+def test_bad_sparse_layers_are_refused(tmp_path):
+    model = make_tiny_model("llama")
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        save_compressed(model, tmp_path / "a", {name: (2, 4)})
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        save_compressed(model, tmp_path / "b", {"model.layers.0.mlp.nope.weight": None})
+    with pytest.raises(ValueError, match=r"\(N, M\)"):
+        save_compressed(model, tmp_path / "c", {name: (4, 2)})
+    model.save_pretrained(tmp_path / "d")
+    with pytest.raises(FileExistsError, match="empty folder"):
+        save_compressed(model, tmp_path / "d", {})
