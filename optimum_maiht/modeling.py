@@ -16,6 +16,7 @@ from .compressed import (
     is_compressed_folder,
     load_compressed_state_dict,
 )
+from .serialization import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class MAIHTModelForCausalLM:
         path = Path(source).expanduser()
         if path.is_dir():
             folder: Path | None = path if is_compressed_folder(path) else None
-        elif path.exists() or source.startswith(("/", "./", "../", "~")):
+        elif path.exists() or looks_like_local_path(source):
             raise FileNotFoundError(f"{path} is not a model folder; give a folder with config.json or a "
                                     "Hub repo id")
         else:

@@ -18,14 +18,15 @@ from .configuration import MAIHTConfig
 from .data import CalibrationData, prepare_calibration
 from .hub import push_to_hub, write_model_card
 from .sequential import LayerReport, prune_sequential
-from .serialization import REPORT_NAME, annotate_model_config, atomic_directory, write_json
+from .serialization import (
+    REPORT_NAME,
+    annotate_model_config,
+    atomic_directory,
+    looks_like_local_path,
+    write_json,
+)
 
 logger = logging.getLogger(__name__)
-
-
-def _looks_local(path: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else that does not exist is a missing folder."""
-    return path.startswith((".", "/", "~")) or path.count("/") > 1 or "\\" in path
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -91,7 +92,7 @@ class MAIHTPruner:
         path = Path(source).expanduser()
         if path.exists() and not path.is_dir():
             raise ValueError(f"{path} is a file; give the model's folder (with config.json) or a Hub id")
-        if not path.exists() and _looks_local(source):
+        if not path.exists() and looks_like_local_path(source):
             raise FileNotFoundError(f"model folder not found: {path}")
         if path.is_dir() and not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path} has no config.json: is it a transformers model folder?")

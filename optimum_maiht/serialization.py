@@ -44,6 +44,11 @@ def atomic_directory(save_directory: str | os.PathLike, overwrite: bool = False)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def looks_like_local_path(source: str) -> bool:
+    """A Hub id is ``name`` or ``owner/name``; anything else is a path."""
+    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
+
+
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
