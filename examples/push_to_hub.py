@@ -53,22 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def demo_license() -> str | None:
-    """The licence recorded in the demo GGUF file's own metadata (``general.license``), if any."""
-    from gguf import GGUFReader
-
-    from optimum_maiht.demo import GGUF_FILE, demo_package_dir
-
-    field = GGUFReader(demo_package_dir() / GGUF_FILE).fields.get("general.license")
-    return str(field.contents()) if field is not None else None
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from optimum_maiht import MAIHTConfig, MAIHTPruner
-    from optimum_maiht.demo import DEMO_BASE_MODEL, demo_model_path
-    from optimum_maiht.hub import push_to_hub, write_model_card
+    from optimum_maiht.demo import DEMO_BASE_MODEL, demo_license, demo_model_path
+    from optimum_maiht.hub import push_to_hub
 
     config = MAIHTConfig(pattern=args.pattern, sparsity=args.sparsity, num_samples=args.num_samples,
                          sequence_length=args.sequence_length, iterations=args.iterations,
@@ -77,15 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     pruner.model.config.name_or_path = DEMO_BASE_MODEL  # the report names the Hub model, not the cache folder
     pruner.prune("wikitext2", eval_dataset="wikitext2-test", eval_sequence_length=args.eval_sequence_length,
                  eval_max_windows=args.eval_windows)
-    report = pruner.report
-    evaluation = report["evaluation"]
+    evaluation = pruner.report["evaluation"]
     logger.info("perplexity %.3f (dense) -> %.3f (pruned)", evaluation["perplexity_before"],
                 evaluation["perplexity_after"])
     output_dir = args.output_dir or Path(args.repo_id.split("/")[-1])
-    folder = pruner.save_pretrained(output_dir, overwrite=args.overwrite)
-    card = write_model_card(folder, report, base_model=DEMO_BASE_MODEL, license=demo_license(),
-                            repo_id=args.repo_id, notes=PROVENANCE)
-    print(f"saved {folder} (model card: {card})")
+    card = {"base_model": DEMO_BASE_MODEL, "license": demo_license(), "repo_id": args.repo_id,
+            "notes": PROVENANCE}
+    folder = pruner.save_pretrained(output_dir, overwrite=args.overwrite, model_card=card)
+    print(f"saved {folder} (model card: {folder / 'README.md'})")
     if args.no_push:
         return
     url = push_to_hub(folder, args.repo_id, private=args.private or None, create_pr=args.create_pr,

@@ -343,8 +343,13 @@ def run_prune(args: argparse.Namespace) -> None:
     if base_model is not None:  # the report and model card name the Hub model, not the local cache folder
         pruner.model.config.name_or_path = base_model
     prune_with_eval(pruner, calibration, args)
-    save_options = {} if args.save_format == "dense" else {"save_format": args.save_format}
-    target = pruner.save_pretrained(target, overwrite=args.overwrite, **save_options)
+    card = None
+    if base_model is not None:
+        from optimum_maiht.demo import demo_license
+
+        card = {"base_model": base_model, "license": demo_license()}
+    target = pruner.save_pretrained(target, overwrite=args.overwrite, save_format=args.save_format,
+                                    model_card=card)
     eval_name = describe_eval_data(args.eval_dataset) if args.eval else None
     total = time.perf_counter() - start
     print(prune_summary(pruner.report, base_model or model, target, args.save_format, total, eval_name))

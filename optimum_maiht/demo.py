@@ -35,6 +35,14 @@ def demo_package_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
+def demo_license() -> str | None:
+    """The licence recorded in the demo GGUF file's own metadata (``general.license``), if any."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(demo_package_dir() / GGUF_FILE).fields.get("general.license")
+    return str(field.contents()) if field is not None else None
+
+
 def demo_model_path() -> Path:
     """A plain transformers folder of the demo model (float32), converted on first use (~30 s)."""
     target = _cache_root() / f"{DEMO_MODEL_NAME}-fp32"
