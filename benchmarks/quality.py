@@ -1,0 +1,298 @@
+"""Quality benchmark: WikiText-2 perplexity of the demo model pruned by mAIHT and by its peers.
+
+Methods (``--methods``):
+
+* ``dense``: the unpruned model (run once, whatever the settings);
+* ``magnitude``: ours, keep the largest ``|W|`` over each whole layer (N:M: per group);
+* ``wanda-llmc``, ``sparsegpt-llmc``: llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier``
+  through ``oneshot`` (its sequential pipeline, its defaults, ``lm_head`` ignored);
+* ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (``--maiht-option key=value`` overrides a
+  ``MAIHTConfig`` field, and the run is then labelled with it).
+
+Settings (``--settings``): ``50%``, ``60%``, ``70%`` (unstructured), ``2:4``, ``4:8``.
+
+Every method prunes the decoder blocks' linear layers (never ``lm_head``, tied to the embedding) on the
+same calibration tensor (64 x 512 tokens of WikiText-2 validation, seed 0) and is scored on the same
+non-overlapping 512-token windows of WikiText-2 test (``--eval-windows N`` takes the first N, 0 = all).
+Each run is a subprocess of its own, so its peak resident memory is its own; each appends one record to
+``benchmarks/results/quality.json``. ``benchmarks/report_quality.py`` turns that file into the table and the
+plot. Run it with the benchmark virtualenv (``benchmarks/setup_llmcompressor.sh``):
+
+    benchmarks/.venv-llmcompressor/bin/python benchmarks/quality.py --eval-windows 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from bench_common import (
+    CALIB_LENGTH,
+    CALIB_SAMPLES,
+    EVAL_LENGTH,
+    RESULTS_DIR,
+    TEST,
+    calibration_ids,
+    command_line,
+    load_demo,
+    machine,
+    tensor_digest,
+    versions,
+    wikitext2,
+)
+
+logger = logging.getLogger("quality")
+
+METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
+SETTINGS = ["50%", "60%", "70%", "2:4", "4:8"]
+RESULTS = RESULTS_DIR / "quality.json"
+
+
+def parse_setting(setting: str) -> tuple[float, str]:
+    """``"50%"`` -> ``(0.5, "unstructured")``; ``"2:4"`` -> ``(0.5, "2:4")``."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)%", setting)
+    if match:
+        sparsity = float(match[1]) / 100
+        if not 0 < sparsity < 1:
+            raise ValueError(f"setting {setting!r}: the percentage must lie strictly between 0 and 100")
+        return sparsity, "unstructured"
+    match = re.fullmatch(r"(\d+):(\d+)", setting)
+    if match and 0 < int(match[1]) < int(match[2]):
+        return 1 - int(match[1]) / int(match[2]), setting
+    raise ValueError(f"setting {setting!r} must be a percentage like '50%' or an N:M pattern like '2:4'")
+
+
+def parse_options(options: list[str]) -> dict[str, Any]:
+    """``["iterations=40", "scope=layer"]`` -> ``{"iterations": 40, "scope": "layer"}`` (JSON values)."""
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--maiht-option {option!r} must look like key=value, e.g. iterations=40")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed
+
+
+# --------------------------------------------------------------------------------------------------
+# one run, in its own process
+
+
+def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> dict[str, Any]:
+    """Keep the largest |W| of every target linear in the decoder blocks (per layer; N:M per group)."""
+    from optimum_maiht.configuration import MAIHTConfig
+    from optimum_maiht.sequential import find_decoder_blocks, find_target_layers, weight_matrix
+    from optimum_maiht.solver import magnitude_prune
+
+    config = MAIHTConfig(sparsity=sparsity if pattern == "unstructured" else None, pattern=pattern)
+    blocks_name, blocks = find_decoder_blocks(model)
+    with torch.no_grad():
+        for layers in find_target_layers(model, blocks_name, blocks, config):
+            for layer in layers.values():
+                weight = weight_matrix(layer)
+                weight.copy_(magnitude_prune(weight, sparsity, config.nm, scope="layer"))
+    return {"scope": "layer"}
+
+
+def prune_llmc(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, method: str, sparsity: float,
+               pattern: str, batch_size: int) -> dict[str, Any]:
+    """llm-compressor's oneshot with our calibration windows as a pre-tokenized dataset (no shuffling)."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    modifier_cls = SparseGPTModifier if method == "sparsegpt-llmc" else WandaPruningModifier
+    mask_structure = "0:0" if pattern == "unstructured" else pattern
+    modifier = modifier_cls(sparsity=sparsity, mask_structure=mask_structure, targets=["Linear"],
+                            ignore=["re:.*lm_head"])
+    dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=[modifier],
+            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
+            shuffle_calibration_samples=False, batch_size=batch_size,
+            pipeline="sequential", output_dir=None)
+    return {"modifier": modifier.model_dump(mode="json", exclude_none=True)}
+
+
+def prune_maiht(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, sparsity: float, pattern: str,
+                batch_size: int, seed: int, options: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+    """MAIHTPruner at its defaults (plus ``options``) on the given calibration tensor."""
+    from optimum_maiht import MAIHTConfig, MAIHTPruner
+
+    settings = {"sparsity": sparsity if pattern == "unstructured" else None, "pattern": pattern,
+                "num_samples": int(ids.shape[0]), "sequence_length": int(ids.shape[1]),
+                "batch_size": batch_size, "seed": seed, **options}
+    pruner = MAIHTPruner(model, MAIHTConfig(**settings), tokenizer=tokenizer, device="cpu")
+    pruner.prune(ids, progress=False)
+    report = pruner.report
+    report_dir.mkdir(parents=True, exist_ok=True)
+    (report_dir / f"maiht-{pattern.replace(':', 'of')}-{sparsity:g}-{int(time.time())}.json").write_text(
+        json.dumps(report, indent=1) + "\n")
+    layers = [r for r in report["layers"] if not r["skipped"]]
+    errors_before = torch.tensor([r["error_before"] for r in layers], dtype=torch.float64).clamp_min(1e-30)
+    errors_after = torch.tensor([r["error_after"] for r in layers], dtype=torch.float64).clamp_min(1e-30)
+    return {
+        "config": report["config"],
+        "geomean_layer_error_wanda_mask": float(errors_before.log().mean().exp()),
+        "geomean_layer_error": float(errors_after.log().mean().exp()),
+        "solver_seconds": round(sum(r["seconds"] for r in layers), 2),
+    }
+
+
+def run_one(method: str, setting: str, eval_windows: int, seed: int, batch_size: int, calib: tuple[int, int],
+            options: dict[str, Any]) -> dict[str, Any]:
+    """Load the model, prune it with ``method`` at ``setting``, evaluate it: one result record."""
+    from optimum_maiht.data import special_prefix, token_windows, tokenize
+    from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
+
+    torch.manual_seed(seed)
+    model, tokenizer, path = load_demo()
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    ids = calibration_ids(tokenizer, *calib, seed)
+    sparsity, pattern = (0.0, "dense") if method == "dense" else parse_setting(setting)
+    details: dict[str, Any] = {}
+    start = time.perf_counter()
+    if method == "magnitude":
+        details = prune_magnitude(model, sparsity, pattern)
+    elif method in ("wanda-llmc", "sparsegpt-llmc"):
+        details = prune_llmc(model, tokenizer, ids, method, sparsity, pattern, batch_size)
+    elif method == "maiht":
+        details = prune_maiht(model, tokenizer, ids, sparsity, pattern, batch_size, seed, options,
+                              RESULTS_DIR.parent / "work" / "reports")
+    elif method != "dense":
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    prune_seconds = time.perf_counter() - start
+    rss_prune = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    if not torch.equal(model.get_input_embeddings().weight.detach(), embedding):
+        raise RuntimeError(f"{method} changed the input embedding (tied to lm_head): the run is invalid")
+    windows = token_windows(tokenize(tokenizer, wikitext2(TEST)), eval_windows or None, EVAL_LENGTH,
+                            special_prefix(tokenizer))
+    start = time.perf_counter()
+    ppl = perplexity(model, None, windows, EVAL_LENGTH, batch_size=4)
+    eval_seconds = time.perf_counter() - start
+    label = method if not options else method + "[" + ",".join(f"{k}={v}" for k, v in options.items()) + "]"
+    return {
+        "method": label,
+        "setting": "dense" if method == "dense" else setting,
+        "sparsity_target": sparsity,
+        "pattern": pattern,
+        "sparsity_measured": round(sparsity_by_layer_type(model)["overall"], 6),
+        "ppl": ppl,
+        "eval": {"dataset": "WikiText-2 test", "sequence_length": EVAL_LENGTH,
+                 "windows": int(windows.shape[0]),
+                 "all_windows": eval_windows == 0, "tokens": int(windows.numel()),
+                 "sha256": tensor_digest(windows)},
+        "calibration": {"dataset": "WikiText-2 validation", "num_samples": int(ids.shape[0]),
+                        "sequence_length": int(ids.shape[1]), "seed": seed, "batch_size": batch_size,
+                        "sha256": tensor_digest(ids)},
+        "prune_seconds": round(prune_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "peak_rss_mb_prune": round(rss_prune, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "details": details,
+        "model": f"SmolLM2-135M-Instruct (offline demo model, fp32, {path.name})",
+        "machine": machine(),
+        "versions": versions(),
+        "worker_command": command_line(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# the driver
+
+
+def append_record(record: dict[str, Any], results: Path) -> None:
+    """Append one record to the JSON list in ``results`` (written atomically)."""
+    records = json.loads(results.read_text()) if results.is_file() else []
+    records.append(record)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=results.parent, delete=False, suffix=".tmp") as tmp:
+        tmp.write(json.dumps(records, indent=1) + "\n")
+    os.replace(tmp.name, results)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {SETTINGS}")
+    parser.add_argument("--eval-windows", type=int, default=64,
+                        help="first N 512-token windows of WikiText-2 test; 0 = the whole split")
+    parser.add_argument("--seed", type=int, default=0, help="calibration window seed")
+    parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES, help="calibration windows")
+    parser.add_argument("--calib-length", type=int, default=CALIB_LENGTH, help="tokens per window")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="calibration windows per forward pass, for every method")
+    parser.add_argument("--maiht-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a MAIHTConfig field for the maiht runs (repeatable)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="JSON list the records are appended to")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    options = parse_options(args.maiht_option)
+
+    if args.worker:
+        record = run_one(*args.worker, args.eval_windows, args.seed, args.batch_size,
+                         (args.calib_samples, args.calib_length), options)
+        args.record.write_text(json.dumps(record) + "\n")
+        return 0
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for m in methods:
+        if m not in METHODS:
+            parser.error(f"unknown method {m!r}; choose from {METHODS}")
+    for s in settings:
+        try:
+            parse_setting(s)
+        except ValueError as err:
+            parser.error(str(err))
+    runs = [(m, "dense") for m in methods if m == "dense"]
+    runs += [(m, s) for s in settings for m in methods if m != "dense"]
+    driver_command = command_line()
+    failures = 0
+    for method, setting in runs:
+        with tempfile.TemporaryDirectory() as tmp:
+            record_file = Path(tmp) / "record.json"
+            command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, setting,
+                       "--eval-windows", str(args.eval_windows), "--seed", str(args.seed),
+                       "--batch-size", str(args.batch_size), "--calib-samples", str(args.calib_samples),
+                       "--calib-length", str(args.calib_length), "--record", str(record_file)]
+            if method == "maiht":
+                command += [f"--maiht-option={o}" for o in args.maiht_option]
+            logger.info("run %s at %s", method, setting)
+            start = time.perf_counter()
+            done = subprocess.run(command, check=False)
+            if done.returncode or not record_file.is_file():
+                logger.error("%s at %s failed (exit code %d)", method, setting, done.returncode)
+                failures += 1
+                continue
+            record = json.loads(record_file.read_text())
+        record["command"] = driver_command
+        record["wall_seconds"] = round(time.perf_counter() - start, 1)
+        append_record(record, args.results)
+        logger.info("%s at %s: perplexity %.3f, prune %.1f s, peak RSS %.0f MB", record["method"], setting,
+                    record["ppl"], record["prune_seconds"], record["peak_rss_mb"])
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

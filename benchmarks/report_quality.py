@@ -1,0 +1,171 @@
+"""Render ``benchmarks/results/quality.json`` as Markdown tables (``quality.md``) and a plot (PNG).
+
+For every method, setting and evaluation size the latest record wins. One table per evaluation size
+(the quick subset and the full test split), each with perplexity, prune time and peak resident memory;
+the plot shows perplexity per setting per method for the largest evaluation size that has the most runs.
+
+    benchmarks/.venv-llmcompressor/bin/python benchmarks/report_quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from bench_common import RESULTS_DIR, command_line
+
+SETTING_ORDER = ["dense", "50%", "60%", "70%", "2:4", "4:8"]
+METHOD_ORDER = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
+LABELS = {
+    "dense": "dense",
+    "magnitude": "magnitude (ours, per layer)",
+    "wanda-llmc": "Wanda (llm-compressor)",
+    "sparsegpt-llmc": "SparseGPT (llm-compressor)",
+    "maiht": "mAIHT (optimum-maiht, defaults)",
+}
+
+
+def _order(items: list[str], order: list[str]) -> list[str]:
+    return sorted(items, key=lambda x: (order.index(x) if x in order else len(order), x))
+
+
+def latest(records: list[dict[str, Any]]) -> dict[int, dict[tuple[str, str], dict[str, Any]]]:
+    """``{eval windows: {(method, setting): latest record}}``."""
+    table: dict[int, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+    for record in records:
+        table[record["eval"]["windows"]][(record["method"], record["setting"])] = record
+    return table
+
+
+def _cell(record: dict[str, Any] | None, field: str) -> str:
+    if record is None:
+        return "–"
+    if field == "ppl":
+        return f"{record['ppl']:.2f}"
+    if field == "prune_seconds":
+        return f"{record['prune_seconds']:.0f}"
+    return f"{record['peak_rss_mb'] / 1024:.2f}"
+
+
+def render(records: list[dict[str, Any]]) -> str:
+    """The Markdown report: one section per evaluation size."""
+    lines = ["# Quality benchmark: mAIHT vs SparseGPT and Wanda (llm-compressor)", ""]
+    first = records[-1]
+    calib = first["calibration"]
+    lines += [
+        f"Model: {first['model']}. Every method prunes the linear layers of the 30 decoder blocks (not "
+        "`lm_head`, tied to the embedding) on the same calibration tensor: "
+        f"{calib['num_samples']} windows x {calib['sequence_length']} tokens of WikiText-2 validation, seed "
+        f"{calib['seed']} (SHA-256 `{calib['sha256'][:12]}…`). Perplexity on WikiText-2 test, "
+        "non-overlapping "
+        "windows of 512 tokens, each starting with BOS. Prune time is the wall time of the pruning call "
+        "(calibration forwards included); peak memory is the run's peak resident set (its own process, "
+        "evaluation included). Lower is better everywhere.",
+        "",
+    ]
+    for windows, runs in sorted(latest(records).items(), key=lambda kv: -kv[0]):
+        any_run = next(iter(runs.values()))
+        scope = ("the whole test split" if any_run["eval"]["all_windows"]
+                 else f"the first {windows} windows of the test split (quick subset)")
+        methods = _order(list({m for m, _ in runs}), METHOD_ORDER)
+        settings = _order(list({s for _, s in runs if s != "dense"}), SETTING_ORDER)
+        dense = runs.get(("dense", "dense"))
+        lines += [f"## Evaluation on {scope}: {windows} windows, {any_run['eval']['tokens']} tokens", ""]
+        if dense is not None:
+            lines += [f"Dense perplexity: **{dense['ppl']:.2f}**.", ""]
+        for field, title in (("ppl", "Perplexity"), ("prune_seconds", "Prune time (s)"),
+                             ("peak_rss_mb", "Peak resident memory (GiB)")):
+            lines += [f"### {title}", "", "| method | " + " | ".join(settings) + " |",
+                      "|---|" + "---|" * len(settings)]
+            for method in methods:
+                if method == "dense":
+                    continue
+                cells = []
+                for setting in settings:
+                    cell = _cell(runs.get((method, setting)), field)
+                    if field == "ppl" and (method, setting) in runs:
+                        best = min(r["ppl"] for (m, s), r in runs.items() if s == setting)
+                        cell = f"**{cell}**" if runs[(method, setting)]["ppl"] == best else cell
+                    cells.append(cell)
+                lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
+            lines.append("")
+    machines = {json.dumps(r["machine"], sort_keys=True) for r in records}
+    commit_key = "optimum-maiht-commit"
+    versions = {json.dumps({k: v for k, v in r["versions"].items() if k != commit_key}, sort_keys=True)
+                for r in records}
+    commits = sorted({r["versions"].get(commit_key, "?") for r in records if r["method"].startswith("maiht")})
+    commands = sorted({r["command"] for r in records})
+    lines += ["## Provenance", ""]
+    lines += [f"- Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
+              f"{m['platform']}" for m in map(json.loads, sorted(machines))]
+    lines += ["- Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(v).items())
+              for v in sorted(versions)]
+    if commits:
+        lines += ["- optimum-maiht source of the mAIHT runs (git commit, `+dirty` = local changes): "
+                  + ", ".join(f"`{c}`" for c in commits)]
+    lines += ["- Commands that produced these records:"] + [f"  - `{c}`" for c in commands]
+    lines += [f"- Rendered by `{command_line()}`", ""]
+    return "\n".join(lines)
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: perplexity per setting per method (log scale), dense as a dashed line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    tables = latest(records)
+    windows = max(tables, key=lambda w: (len(tables[w]), w))
+    runs = tables[windows]
+    methods = [m for m in _order(list({m for m, _ in runs}), METHOD_ORDER) if m != "dense"]
+    settings = _order(list({s for _, s in runs if s != "dense"}), SETTING_ORDER)
+    fig, ax = plt.subplots(figsize=(9, 4.8))
+    width = 0.8 / max(1, len(methods))
+    for i, method in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(settings))]
+        ys = [runs[(method, s)]["ppl"] if (method, s) in runs else float("nan") for s in settings]
+        bars = ax.bar(xs, ys, width, label=LABELS.get(method, method))
+        ax.bar_label(bars, labels=[f"{y:.1f}" if y == y else "" for y in ys], fontsize=6, rotation=90,
+                     padding=2)
+    dense = runs.get(("dense", "dense"))
+    if dense is not None:
+        ax.axhline(dense["ppl"], color="black", linestyle="--", linewidth=1,
+                   label=f"dense ({dense['ppl']:.2f})")
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+    ax.tick_params(axis="y", which="minor", labelsize=7)
+    ax.set_xticks(range(len(settings)), settings)
+    ax.set_xlabel("sparsity (unstructured %) or N:M pattern")
+    ax.set_ylabel("WikiText-2 test perplexity (log scale, lower is better)")
+    full = next(iter(runs.values()))["eval"]["all_windows"]
+    scope = "full test split" if full else f"first {windows} windows"
+    ax.set_title(f"SmolLM2-135M-Instruct pruned one-shot: perplexity ({scope} of 512 tokens)", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality",
+                        help="writes OUTPUT.md and OUTPUT.png")
+    args = parser.parse_args()
+    records = json.loads(args.results.read_text())
+    if not records:
+        raise SystemExit(f"{args.results} holds no records yet: run benchmarks/quality.py first")
+    args.output.with_suffix(".md").write_text(render(records))
+    plot(records, args.output.with_suffix(".png"))
+    print(f"wrote {args.output.with_suffix('.md')} and {args.output.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    main()
