@@ -126,9 +126,15 @@ def calibration_text(data: CalibrationData) -> str | Tensor:
     if isinstance(data, (str, os.PathLike)):
         if isinstance(data, str) and data in BUNDLED:
             return bundled_text(data)
-        if not Path(data).exists():
+        try:
+            exists = Path(data).exists()
+        except OSError:  # e.g. a whole text given where a path was expected: "File name too long"
+            exists = False
+        if not exists:
+            shown = str(data) if len(str(data)) <= 60 else str(data)[:57] + "..."
             raise FileNotFoundError(
-                f"calibration data {str(data)!r} is neither a file nor a bundled text ({sorted(BUNDLED)})"
+                f"calibration data {shown!r} is neither a file nor a bundled text ({sorted(BUNDLED)}); "
+                "to use a text itself, pass it in a list: [text]"
             )
         return read_text_file(data)
     if hasattr(data, "column_names"):  # datasets.Dataset

@@ -88,6 +88,8 @@ def test_bad_inputs(tmp_path):
         calibration_text(tmp_path / "data.csv")
     with pytest.raises(ValueError, match="needs a tokenizer"):
         prepare_calibration([TEXT], None, 2, 16, seed=0)
+    with pytest.raises(FileNotFoundError, match=r"pass it in a list: \[text\]"):
+        calibration_text(TEXT)  # a whole text is not a path, even one too long for the file system
     with pytest.raises(ValueError, match="unknown bundled text"):
         bundled_text("c4")
 
