@@ -130,7 +130,9 @@ def enable_2of4_kernels(model: nn.Module, *, strict: bool = False) -> dict[str, 
             if not torch.cuda.is_available():
                 reason = _backend(weight.device)[1]
         else:
-            backend, reason = backends.setdefault(weight.device, _backend(weight.device))
+            if weight.device not in backends:
+                backends[weight.device] = _backend(weight.device)
+            backend, reason = backends[weight.device]
             if backend is not None:
                 sparse, reason = _convert(module, backend, name)
                 used.add(backend.BACKEND)
