@@ -204,7 +204,8 @@ def maiht_prune(
 
     device = weight.device
     w0 = weight.detach().float()
-    d, g = column_scale(hessian.to(device), ridge)
+    h = hessian.to(device)
+    d, g = column_scale(h, ridge)
     v0 = w0 * d
     # The per-row choice is only valid when the sparsity set is a product of per-row sets.
     row_separable = nm is not None or scope == "row" or formulation == "penalty"
@@ -221,7 +222,8 @@ def maiht_prune(
     # current iterate whenever both candidates are worse, so the history cannot increase even if it is low.
     step = 1.0 / (1.05 * lambda_max(g, seed=seed))
 
-    x = proj(v0)
+    wanda_mask = project(v0, sparsity, nm, scope)  # |V| is the Wanda score: the first projection is Wanda
+    x = _keep(v0, wanda_mask)
     gx, fx = grad_and_obj(x)
     history = [_total(fx)]
     x_prev, gx_prev, z, gz = x, gx, x, gx
@@ -283,13 +285,12 @@ def maiht_prune(
     w = _keep(x / d, mask).to(weight.dtype)
     if not torch.isfinite(w).all():
         raise FloatingPointError("mAIHT produced non-finite weights; check the calibration activations")
-    w0_init = _keep(w0, project(v0, sparsity, nm, scope))
     return SolverResult(
         weight=w,
         mask=mask,
         history=history,
-        error_init=relative_output_error(w0_init, w0, hessian.to(device)),
-        error=relative_output_error(w.float(), w0, hessian.to(device)),
+        error_init=relative_output_error(_keep(w0, wanda_mask), w0, h),
+        error=relative_output_error(w.float(), w0, h),
         iterations=iterations,
         refit_iterations=refit_iterations,
         step_size=step,
