@@ -57,9 +57,11 @@ def block_outlier_ratios(model: Any, layers_per_block: list[dict[str, torch.nn.M
     finally:
         for h in hooks:
             h.remove()
+    from optimum_maiht.sequential import weight_matrix  # (out, in) for nn.Linear and GPT-2's Conv1D
+
     ratios = []
     for layers in layers_per_block:
-        scores = torch.cat([(layer.weight.detach().abs().double() * sq_norms[name].sqrt()).flatten()
+        scores = torch.cat([(weight_matrix(layer).detach().abs().double() * sq_norms[name].sqrt()).flatten()
                             for name, layer in layers.items()])
         ratios.append(float((scores > threshold * scores.mean()).double().mean()))
     return ratios
