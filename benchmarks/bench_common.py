@@ -62,6 +62,14 @@ def calibration_ids(tokenizer: Any, num_samples: int = CALIB_SAMPLES, length: in
     return prepare_calibration([wikitext2(VALIDATION)], tokenizer, num_samples, length, seed=seed)
 
 
+def test_windows(tokenizer: Any, count: int) -> torch.Tensor:
+    """The first ``count`` non-overlapping ``EVAL_LENGTH``-token windows of WikiText-2 test (0 = all)."""
+    from optimum_maiht.data import special_prefix, token_windows, tokenize
+
+    return token_windows(tokenize(tokenizer, wikitext2(TEST)), count or None, EVAL_LENGTH,
+                         special_prefix(tokenizer))
+
+
 def tensor_digest(t: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes (shows that every method saw the same calibration)."""
     return hashlib.sha256(t.contiguous().cpu().numpy().tobytes()).hexdigest()

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from typing import Any
@@ -26,17 +25,15 @@ import torch
 from bench_common import (
     EVAL_LENGTH,
     RESULTS_DIR,
-    TEST,
     calibration_ids,
     command_line,
     load_demo,
     machine,
     tensor_digest,
+    test_windows,
     versions,
-    wikitext2,
 )
-
-logger = logging.getLogger("owl_trial")
+from quality import append_record, parse_setting
 
 
 def block_outlier_ratios(model: Any, layers_per_block: list[dict[str, torch.nn.Module]], ids: torch.Tensor,
@@ -78,10 +75,11 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
 def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_size: int) -> dict[str, Any]:
     import optimum_maiht.sequential as sequential
     from optimum_maiht import MAIHTConfig, MAIHTPruner
-    from optimum_maiht.data import special_prefix, token_windows, tokenize
     from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
 
-    sparsity = float(setting.rstrip("%")) / 100
+    sparsity, pattern = parse_setting(setting)
+    if pattern != "unstructured":
+        raise ValueError(f"setting {setting!r}: OWL allocates unstructured sparsity only, use e.g. '70%'")
     model, tokenizer, path = load_demo()
     ids = calibration_ids(tokenizer)
     config = MAIHTConfig(sparsity=sparsity, num_samples=ids.shape[0], sequence_length=ids.shape[1],
@@ -104,8 +102,7 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     finally:
         sequential._prune_layer = real_prune_layer
     prune_seconds = time.perf_counter() - start
-    windows = token_windows(tokenize(tokenizer, wikitext2(TEST)), eval_windows or None, EVAL_LENGTH,
-                            special_prefix(tokenizer))
+    windows = test_windows(tokenizer, eval_windows)
     ppl = perplexity(model, None, windows, EVAL_LENGTH, batch_size=4)
     return {
         "method": f"maiht[owl lambda={lam},M={threshold}]", "setting": setting, "ppl": ppl,
@@ -133,8 +130,7 @@ def main() -> None:
     out = RESULTS_DIR / "owl_trial.json"
     for setting in args.settings.split(","):
         record = run(setting, args.lam, args.threshold, args.eval_windows, args.batch_size)
-        records = json.loads(out.read_text()) if out.is_file() else []
-        out.write_text(json.dumps(records + [record], indent=1) + "\n")
+        append_record(record, out)
         print(f"{record['method']} {setting}: perplexity {record['ppl']:.3f}, measured sparsity "
               f"{record['sparsity_measured']:.4f}, prune {record['prune_seconds']:.0f} s", flush=True)
 

@@ -42,14 +42,13 @@ from bench_common import (
     CALIB_SAMPLES,
     EVAL_LENGTH,
     RESULTS_DIR,
-    TEST,
     calibration_ids,
     command_line,
     load_demo,
     machine,
     tensor_digest,
+    test_windows,
     versions,
-    wikitext2,
 )
 
 logger = logging.getLogger("quality")
@@ -154,7 +153,6 @@ def prune_maiht(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, spars
 def run_one(method: str, setting: str, eval_windows: int, seed: int, batch_size: int, calib: tuple[int, int],
             options: dict[str, Any]) -> dict[str, Any]:
     """Load the model, prune it with ``method`` at ``setting``, evaluate it: one result record."""
-    from optimum_maiht.data import special_prefix, token_windows, tokenize
     from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
 
     torch.manual_seed(seed)
@@ -178,8 +176,7 @@ def run_one(method: str, setting: str, eval_windows: int, seed: int, batch_size:
 
     if not torch.equal(model.get_input_embeddings().weight.detach(), embedding):
         raise RuntimeError(f"{method} changed the input embedding (tied to lm_head): the run is invalid")
-    windows = token_windows(tokenize(tokenizer, wikitext2(TEST)), eval_windows or None, EVAL_LENGTH,
-                            special_prefix(tokenizer))
+    windows = test_windows(tokenizer, eval_windows)
     start = time.perf_counter()
     ppl = perplexity(model, None, windows, EVAL_LENGTH, batch_size=4)
     eval_seconds = time.perf_counter() - start
