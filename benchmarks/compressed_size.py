@@ -33,7 +33,7 @@ PATTERNS = {"50% unstructured": None, "2:4": (2, 4)}
 
 def sparsify(model: Any, nm: tuple[int, int] | None) -> dict[str, tuple[int, int] | None]:
     """Magnitude-prune every linear layer of the decoder blocks to 50%; the ``sparse_layers`` mapping."""
-    from optimum_maiht.sequential import find_decoder_blocks
+    from optimum_maiht.model_utils import find_decoder_blocks
     from optimum_maiht.solver import magnitude_prune
 
     blocks_name, blocks = find_decoder_blocks(model)

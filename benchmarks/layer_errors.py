@@ -41,13 +41,8 @@ def collect_grams(
     """``{layer name: {"weight", "gram", "block"}}`` for the target linears of the first ``num_blocks``
     blocks, the calibration run through the dense blocks (nothing is pruned)."""
     from optimum_maiht.configuration import MAIHTConfig
-    from optimum_maiht.sequential import (
-        GramCollector,
-        capture_block_inputs,
-        find_decoder_blocks,
-        find_target_layers,
-        weight_matrix,
-    )
+    from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
+    from optimum_maiht.sequential import GramCollector, capture_block_inputs, find_target_layers
 
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_target_layers(model, blocks_name, blocks, MAIHTConfig())

@@ -54,7 +54,7 @@ def block_outlier_ratios(model: Any, layers_per_block: list[dict[str, torch.nn.M
     finally:
         for h in hooks:
             h.remove()
-    from optimum_maiht.sequential import weight_matrix  # (out, in) for nn.Linear and GPT-2's Conv1D
+    from optimum_maiht.model_utils import weight_matrix  # (out, in) for nn.Linear and GPT-2's Conv1D
 
     ratios = []
     for layers in layers_per_block:
@@ -76,6 +76,7 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     import optimum_maiht.sequential as sequential
     from optimum_maiht import MAIHTConfig, MAIHTPruner
     from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
+    from optimum_maiht.model_utils import find_decoder_blocks
 
     sparsity, pattern = parse_setting(setting)
     if pattern != "unstructured":
@@ -84,7 +85,7 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     ids = calibration_ids(tokenizer)
     config = MAIHTConfig(sparsity=sparsity, num_samples=ids.shape[0], sequence_length=ids.shape[1],
                          batch_size=batch_size)
-    blocks_name, blocks = sequential.find_decoder_blocks(model)
+    blocks_name, blocks = find_decoder_blocks(model)
     targets = sequential.find_target_layers(model, blocks_name, blocks, config)
     start = time.perf_counter()
     ratios = block_outlier_ratios(model, targets, ids, threshold, batch_size)

@@ -93,7 +93,8 @@ def parse_options(options: list[str]) -> dict[str, Any]:
 def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> dict[str, Any]:
     """Keep the largest |W| of every target linear in the decoder blocks (per layer; N:M per group)."""
     from optimum_maiht.configuration import MAIHTConfig
-    from optimum_maiht.sequential import find_decoder_blocks, find_target_layers, weight_matrix
+    from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
+    from optimum_maiht.sequential import find_target_layers
     from optimum_maiht.solver import magnitude_prune
 
     config = MAIHTConfig(sparsity=sparsity if pattern == "unstructured" else None, pattern=pattern)
@@ -135,7 +136,7 @@ def prune_maiht(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, spars
                 "batch_size": batch_size, "seed": seed, **options}
     pruner = MAIHTPruner(model, MAIHTConfig(**settings), tokenizer=tokenizer, device="cpu")
     pruner.prune(ids, progress=False)
-    report = pruner.report
+    report = pruner.report.to_dict()
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"maiht-{pattern.replace(':', 'of')}-{sparsity:g}-{int(time.time())}.json").write_text(
         json.dumps(report, indent=1) + "\n")

@@ -42,7 +42,7 @@ def main() -> None:
     pruner = MAIHTPruner.from_pretrained(demo_model_path(), config)
     start = time.perf_counter()
     pruner.prune("wikitext2", eval_dataset="wikitext2-test", eval_max_windows=args.eval_windows)
-    report = pruner.report
+    report = pruner.report.to_dict()
     out = pruner.save_pretrained(args.output, overwrite=args.overwrite)
     evaluation = report["evaluation"]
     print(

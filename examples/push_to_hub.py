@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     pruner.model.config.name_or_path = DEMO_BASE_MODEL  # the report names the Hub model, not the cache folder
     pruner.prune("wikitext2", eval_dataset="wikitext2-test", eval_sequence_length=args.eval_sequence_length,
                  eval_max_windows=args.eval_windows)
-    evaluation = pruner.report["evaluation"]
+    evaluation = pruner.report.evaluation
     logger.info("perplexity %.3f (dense) -> %.3f (pruned)", evaluation["perplexity_before"],
                 evaluation["perplexity_after"])
     output_dir = args.output_dir or Path(args.repo_id.split("/")[-1])

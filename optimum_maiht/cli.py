@@ -179,10 +179,10 @@ def check_data_source(data: str, flag: str, names: Any) -> None:
 
 def calibration_data(name: str) -> str:
     """The calibration text ``--dataset`` means: a bundled name as is, else a file path."""
-    from optimum_maiht.data import BUNDLED
+    from optimum_maiht.data import BUNDLED_NAMES
 
-    check_data_source(name, "--dataset", BUNDLED)
-    return name if name in BUNDLED else str(Path(name).expanduser())
+    check_data_source(name, "--dataset", BUNDLED_NAMES)
+    return name if name in BUNDLED_NAMES else str(Path(name).expanduser())
 
 
 def eval_data(name: str) -> str:
@@ -352,7 +352,8 @@ def run_prune(args: argparse.Namespace) -> None:
                                     model_card=card)
     eval_name = describe_eval_data(args.eval_dataset) if args.eval else None
     total = time.perf_counter() - start
-    print(prune_summary(pruner.report, base_model or model, target, args.save_format, total, eval_name))
+    report = pruner.report.to_dict()
+    print(prune_summary(report, base_model or model, target, args.save_format, total, eval_name))
     if args.push_to_hub:
         try:
             url = push_folder(target, args.push_to_hub, private=True if args.private else None)
@@ -418,8 +419,8 @@ def load_causal_lm(source: str, dtype: str, device: str | None) -> tuple[Any, An
     """Model and tokenizer of a checkpoint, dense or saved compressed, pruned or not."""
     from transformers import AutoTokenizer
 
+    from optimum_maiht.model_utils import resolve_device
     from optimum_maiht.modeling import MAIHTModelForCausalLM
-    from optimum_maiht.pruner import resolve_device
 
     model = MAIHTModelForCausalLM.from_pretrained(source, dtype=torch_dtype(dtype))
     tokenizer = AutoTokenizer.from_pretrained(source)

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .sequential import is_conv1d
+from .constants import CONFIG_ANNOTATION_KEY
+from .model_utils import is_conv1d
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ def save_compressed(
 
 def is_compressed_config(config: dict[str, Any]) -> bool:
     """Whether a parsed ``config.json`` describes a compressed checkpoint."""
-    annotation = config.get("maiht")
+    annotation = config.get(CONFIG_ANNOTATION_KEY)
     return config.get("transformers_weights") == LOADER_HINT or (
         isinstance(annotation, dict) and annotation.get("format") == "compressed")
 

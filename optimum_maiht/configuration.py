@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-CONFIG_NAME = "maiht_config.json"
+from .constants import CONFIG_NAME
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 

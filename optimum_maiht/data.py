@@ -18,23 +18,47 @@ from typing import Any, Union
 import torch
 from torch import Tensor
 
+from .constants import BUNDLED_ALIASES, BUNDLED_TEXTS
+
 logger = logging.getLogger(__name__)
 
 CalibrationData = Union[str, os.PathLike, Sequence[str], Tensor, Any]  # noqa: UP007 (Any: datasets.Dataset)
 
-BUNDLED = {
-    "wikitext2": "wikitext2_validation_excerpt.txt.gz",
-    "wikitext2-test": "wikitext2_test_excerpt.txt.gz",
-}
-"""Bundled texts (WikiText-2 excerpts, CC BY-SA 3.0): calibrate on validation, evaluate on test."""
+BUNDLED_NAMES = sorted([*BUNDLED_TEXTS, *BUNDLED_ALIASES])
+"""Every name of a bundled text (``wikitext2`` is short for ``wikitext2-validation``)."""
+
+
+def is_bundled(name: Any) -> bool:
+    return isinstance(name, str) and name in BUNDLED_NAMES
 
 
 def bundled_text(name: str) -> str:
-    """The bundled text ``name`` (one of :data:`BUNDLED`)."""
-    if name not in BUNDLED:
-        raise ValueError(f"unknown bundled text {name!r}; choose one of {sorted(BUNDLED)}")
-    with resources.files("optimum_maiht").joinpath("texts", BUNDLED[name]).open("rb") as f:
+    """The bundled text ``name`` (one of :data:`BUNDLED_NAMES`)."""
+    if not is_bundled(name):
+        raise ValueError(f"unknown bundled text {name!r}; choose one of {BUNDLED_NAMES}")
+    file = BUNDLED_TEXTS[BUNDLED_ALIASES.get(name, name)]
+    with resources.files("optimum_maiht").joinpath("texts", file).open("rb") as f:
         return gzip.decompress(f.read()).decode("utf-8")
+
+
+def describe_data(data: Any) -> str:
+    """A short, JSON-friendly name for calibration / evaluation data, for the report and the card."""
+    if is_bundled(data):
+        split = split_of(data)
+        return f"wikitext-2-raw-v1 ({split} excerpt bundled with optimum-maiht)"
+    if isinstance(data, (str, os.PathLike)):
+        return str(data)
+    if isinstance(data, Tensor):
+        return f"token ids {list(data.shape)}"
+    return type(data).__name__
+
+
+def split_of(data: Any) -> str | None:
+    """The dataset split the data comes from, when its name says (``...test...``), else ``None``."""
+    if is_bundled(data):
+        return BUNDLED_ALIASES.get(data, data).removeprefix("wikitext2-")
+    name = str(data) if isinstance(data, (str, os.PathLike)) else ""
+    return next((s for s in ("test", "validation", "train") if s in name), None)
 
 
 def read_text_file(path: str | os.PathLike) -> str:
@@ -124,7 +148,7 @@ def calibration_text(data: CalibrationData) -> str | Tensor:
             raise ValueError("the calibration tensor is empty")
         return data.long()
     if isinstance(data, (str, os.PathLike)):
-        if isinstance(data, str) and data in BUNDLED:
+        if is_bundled(data):
             return bundled_text(data)
         try:
             exists = Path(data).exists()
@@ -133,7 +157,7 @@ def calibration_text(data: CalibrationData) -> str | Tensor:
         if not exists:
             shown = str(data) if len(str(data)) <= 60 else str(data)[:57] + "..."
             raise FileNotFoundError(
-                f"calibration data {shown!r} is neither a file nor a bundled text ({sorted(BUNDLED)}); "
+                f"calibration data {shown!r} is neither a file nor a bundled text ({BUNDLED_NAMES}); "
                 "to use a text itself, pass it in a list: [text]"
             )
         return read_text_file(data)

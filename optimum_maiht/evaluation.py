@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from collections import defaultdict
 from typing import Any
 
@@ -11,13 +10,16 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .constants import DEFAULT_EVAL_TEXT
 from .data import CalibrationData, calibration_text, special_prefix, token_windows, tokenize
+from .model_utils import find_decoder_blocks, linear_types
+from .report import layer_type
 
 
 def perplexity(
     model: nn.Module,
     tokenizer: Any | None,
-    data: CalibrationData = "wikitext2-test",
+    data: CalibrationData = DEFAULT_EVAL_TEXT,
     sequence_length: int = 512,
     max_windows: int | None = None,
     batch_size: int = 4,
@@ -57,21 +59,24 @@ def perplexity(
 
 
 def sparsity_by_layer_type(model: nn.Module) -> dict[str, float]:
-    """Fraction of exact zeros per linear-layer type (``q_proj``, ``mlp.down_proj``...), plus ``"overall"``.
+    """Fraction of exact zeros per layer type inside the decoder blocks, plus ``"overall"``.
 
-    Layers are grouped by their name with the block index removed; ``overall`` counts every linear weight
-    inside the decoder blocks.
+    Types are the names of :func:`optimum_maiht.report.layer_type` (block and expert indices removed), as
+    in the report and the model card; every matrix-shaped weight of the blocks counts (the linear layers'
+    and fused experts' weights, routers included), so a weight left dense shows as a low figure.
     """
-    from .sequential import _linear_types, find_decoder_blocks
-
     blocks_name, blocks = find_decoder_blocks(model)
     zeros: dict[str, int] = defaultdict(int)
     total: dict[str, int] = defaultdict(int)
-    for name, module in blocks.named_modules():
-        if isinstance(module, _linear_types()):
-            kind = re.sub(r"^\d+\.", "", name)
-            zeros[kind] += int((module.weight == 0).sum())
-            total[kind] += module.weight.numel()
+    owners = {id(m.weight): n for n, m in blocks.named_modules() if isinstance(m, linear_types())}
+    for name, param in blocks.named_parameters():
+        if param.dim() < 2:
+            continue
+        kind = layer_type(f"{blocks_name}.{owners.get(id(param), name)}")
+        if param.dim() == 3:
+            kind += "[*]"
+        zeros[kind] += int((param == 0).sum())
+        total[kind] += param.numel()
     result = {kind: zeros[kind] / total[kind] for kind in sorted(total)}
     result["overall"] = sum(zeros.values()) / max(1, sum(total.values()))
     return result

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .sequential import is_conv1d
+from .model_utils import is_conv1d
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from .compressed import (
     is_compressed_folder,
     load_compressed_state_dict,
 )
-from .serialization import looks_like_local_path
+from .model_utils import looks_like_local_path
 
 logger = logging.getLogger(__name__)
 

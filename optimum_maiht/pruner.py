@@ -1,10 +1,10 @@
-"""`MAIHTPruner`: load a causal LM, prune it with mAIHT, save it so that plain transformers loads it."""
+"""`MAIHTPruner`: the facade users call. It loads a causal LM, prunes it with the sequential pipeline,
+and hands the result to the serialization layer (saving) and the Hub layer (publishing)."""
 
 from __future__ import annotations
 
 import logging
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
@@ -13,33 +13,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .compressed import save_compressed
 from .configuration import MAIHTConfig
-from .data import CalibrationData, prepare_calibration
-from .hub import push_to_hub, write_model_card
-from .sequential import LayerReport, prune_sequential
-from .serialization import (
-    REPORT_NAME,
-    annotate_model_config,
-    atomic_directory,
-    looks_like_local_path,
-    write_json,
-)
+from .constants import DEFAULT_CALIBRATION_TEXT
+from .data import CalibrationData, describe_data, prepare_calibration, split_of
+from .model_utils import check_model_source, resolve_device
+from .report import LayerReport, PruneReport, library_versions
+from .sequential import prune_sequential
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU; a CUDA request without CUDA is an error."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for but CUDA is not available here; use device='cpu'")
-    return device
 
 
 class MAIHTPruner:
@@ -65,8 +46,8 @@ class MAIHTPruner:
             raise TypeError(f"config must be a MAIHTConfig, got {type(self.config).__name__}")
         self.tokenizer = tokenizer
         self.device = resolve_device(device)
-        self.layer_reports: list[LayerReport] = []
-        self._run_info: dict[str, Any] = {}
+        self.report: PruneReport | None = None
+        """The report of the last :meth:`prune` (``None`` before it)."""
 
     @classmethod
     def from_pretrained(
@@ -81,25 +62,21 @@ class MAIHTPruner:
         """Load from a Hub id or a local folder (``model_kwargs`` go to ``AutoModelForCausalLM``), or wrap
         an already loaded model. The tokenizer is loaded from the same place when there is one."""
         if isinstance(model_or_path, nn.Module):
-            model = model_or_path
-            if tokenizer is None:
-                source = getattr(getattr(model, "config", None), "name_or_path", None)
-                tokenizer = _try_tokenizer(source) if source and Path(source).is_dir() else None
-            return cls(model, config, tokenizer, device)
+            source = getattr(getattr(model_or_path, "config", None), "name_or_path", None)
+            if tokenizer is None and source and Path(source).is_dir():
+                tokenizer = _try_tokenizer(source)
+            return cls(model_or_path, config, tokenizer, device)
         from transformers import AutoModelForCausalLM
 
-        source = str(model_or_path)
-        path = Path(source).expanduser()
-        if path.exists() and not path.is_dir():
-            raise ValueError(f"{path} is a file; give the model's folder (with config.json) or a Hub id")
-        if not path.exists() and looks_like_local_path(source):
-            raise FileNotFoundError(f"model folder not found: {path}")
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json: is it a transformers model folder?")
-        model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else source, **model_kwargs)
-        if tokenizer is None:
-            tokenizer = _try_tokenizer(str(path) if path.is_dir() else source)
-        return cls(model, config, tokenizer, device)
+        folder = check_model_source(model_or_path)
+        source = str(folder) if folder is not None else str(model_or_path)
+        model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
+        return cls(model, config, tokenizer if tokenizer is not None else _try_tokenizer(source), device)
+
+    @property
+    def layer_reports(self) -> list[LayerReport]:
+        """Per target layer results of the last :meth:`prune` (empty before it)."""
+        return self.report.layers if self.report is not None else []
 
     def prune(
         self,
@@ -110,7 +87,7 @@ class MAIHTPruner:
         eval_max_windows: int | None = 40,
         progress: bool = True,
     ) -> nn.Module:
-        """Prune the model in place and return it.
+        """Prune the model in place and return it; the results are in :attr:`report`.
 
         ``calibration_dataset``: a list of strings, a ``datasets.Dataset`` (``text`` or ``input_ids``), a
         ``LongTensor[n, seq]`` (used as given), a path to a .txt / .jsonl / .parquet file, or the name of a
@@ -118,58 +95,63 @@ class MAIHTPruner:
         ``eval_dataset`` (same kinds, e.g. ``"wikitext2-test"``): measure perplexity before and after over
         ``eval_max_windows`` windows of ``eval_sequence_length`` tokens (``None``: all), into the report.
         """
-        config = self.config
-        evaluation = None
-        if eval_dataset is not None:
+        evaluate = eval_dataset is not None
+        if evaluate:
             before = self._perplexity(eval_dataset, eval_sequence_length, eval_max_windows, progress)
-            evaluation = {
-                "dataset": _describe(eval_dataset),
-                "split": _split_of(eval_dataset),
-                "sequence_length": eval_sequence_length,
-                "windows": eval_max_windows,
-                "perplexity_before": before,
-            }
         if calibration_dataset is None:
             logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
-            calibration_dataset = "wikitext2"
-        seq_len = config.sequence_length
-        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        if isinstance(limit, int) and seq_len > limit:
-            logger.warning(
-                "sequence_length=%d exceeds the model's context of %d tokens; using %d", seq_len, limit, limit
-            )
-            seq_len = limit
+            calibration_dataset = DEFAULT_CALIBRATION_TEXT
         input_ids = prepare_calibration(
-            calibration_dataset, self.tokenizer, config.num_samples, seq_len, config.seed
+            calibration_dataset, self.tokenizer, self.config.num_samples, self._sequence_length(),
+            self.config.seed,
         )
         logger.info("calibrating on %d windows of %d tokens on %s", *input_ids.shape, self.device)
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         try:
-            self.layer_reports = prune_sequential(self.model, input_ids, config, self.device, progress)
+            layers, kept_dense = prune_sequential(self.model, input_ids, self.config, self.device, progress)
         finally:
             self.model.train(was_training)
-        self._run_info = {
-            "calibration": {
-                "source": _describe(calibration_dataset),
+        self.report = PruneReport(
+            config=self.config.to_dict(),
+            layers=layers,
+            kept_dense=kept_dense,
+            base_model=getattr(getattr(self.model, "config", None), "name_or_path", None),
+            calibration={
+                "source": describe_data(calibration_dataset),
                 "num_samples": int(input_ids.shape[0]),
                 "sequence_length": int(input_ids.shape[1]),
                 "tokens": int(input_ids.numel()),
-                "seed": config.seed,
+                "seed": self.config.seed,
             },
-            "device": str(self.device),
-            "seconds": round(time.perf_counter() - start, 2),
-        }
-        if evaluation is not None:
-            evaluation["perplexity_after"] = self._perplexity(
-                eval_dataset, eval_sequence_length, eval_max_windows, progress
-            )
-            self._run_info["evaluation"] = evaluation
-            logger.info(
-                "perplexity %.3f -> %.3f", evaluation["perplexity_before"], evaluation["perplexity_after"]
-            )
+            device=str(self.device),
+            seconds=round(time.perf_counter() - start, 2),
+            versions=library_versions(),
+        )
+        if evaluate:
+            after = self._perplexity(eval_dataset, eval_sequence_length, eval_max_windows, progress)
+            self.report.evaluation = {
+                "dataset": describe_data(eval_dataset),
+                "split": split_of(eval_dataset),
+                "sequence_length": eval_sequence_length,
+                "windows": eval_max_windows,
+                "perplexity_before": before,
+                "perplexity_after": after,
+            }
+            logger.info("perplexity %.3f -> %.3f", before, after)
         return self.model
+
+    def _sequence_length(self) -> int:
+        """The calibration window length: the config's, capped at the model's context."""
+        seq_len = self.config.sequence_length
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if isinstance(limit, int) and seq_len > limit:
+            logger.warning(
+                "sequence_length=%d exceeds the model's context of %d tokens; using %d", seq_len, limit, limit
+            )
+            return limit
+        return seq_len
 
     def _perplexity(
         self, data: CalibrationData, sequence_length: int, max_windows: int | None, progress: bool
@@ -191,26 +173,6 @@ class MAIHTPruner:
         finally:
             self.model.to(home)
 
-    @property
-    def report(self) -> dict[str, Any]:
-        """Summary and per-layer results of the last :meth:`prune` (empty before it)."""
-        if not self.layer_reports:
-            return {}
-        pruned = [r for r in self.layer_reports if r.skipped is None]
-        weights = sum(r.shape[0] * r.shape[1] for r in pruned)
-        zeros = sum(r.sparsity * r.shape[0] * r.shape[1] for r in pruned)
-        return {
-            "method": "mAIHT",
-            "base_model": getattr(getattr(self.model, "config", None), "name_or_path", None),
-            "config": self.config.to_dict(),
-            **self._run_info,
-            "sparsity": zeros / weights if weights else 0.0,
-            "layers_pruned": len(pruned),
-            "layers_skipped": len(self.layer_reports) - len(pruned),
-            "versions": _versions(),
-            "layers": [r.to_dict() for r in self.layer_reports],
-        }
-
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -221,93 +183,48 @@ class MAIHTPruner:
         model_card: dict[str, Any] | None = None,
     ) -> Path:
         """Write the pruned model, tokenizer, ``maiht_config.json``, ``maiht_report.json`` and the model card
-        ``README.md``; atomic, and a non-empty folder is refused unless ``overwrite=True``.
+        ``README.md`` with :func:`optimum_maiht.serialization.save_pruned`; atomic, and a non-empty folder is
+        refused unless ``overwrite=True``.
 
         ``save_format="dense"``: transformers safetensors with exact zeros (plain ``AutoModelForCausalLM``
         loads it); ``"compressed"``: kept values plus packed masks, about half the bytes at 50%, loaded with
         :class:`optimum_maiht.MAIHTModelForCausalLM`. ``model_card``: keyword arguments of
-        :func:`optimum_maiht.hub.render_model_card`, e.g. ``{"license": "apache-2.0"}``.
+        :func:`optimum_maiht.model_card.render_model_card`, e.g. ``{"license": "apache-2.0"}``.
         """
-        if save_format not in ("dense", "compressed"):
-            raise ValueError(f"save_format must be 'dense' or 'compressed', got {save_format!r}")
-        if not self.layer_reports:
+        from .serialization import save_pruned
+
+        if self.report is None:
             raise RuntimeError("nothing to save yet: call prune() first")
-        report = self.report
-        with atomic_directory(save_directory, overwrite=overwrite) as tmp:
-            if save_format == "dense":
-                self.model.save_pretrained(tmp, max_shard_size=max_shard_size)
-            else:
-                nm = self.config.nm
-                pruned = {f"{r.name}.weight": nm for r in self.layer_reports if r.skipped is None}
-                save_compressed(self.model, tmp, pruned, max_shard_size=max_shard_size)
-            if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
-            self.config.save_pretrained(tmp)
-            write_json(tmp / REPORT_NAME, report)
-            annotate_model_config(
-                tmp,
-                {
-                    "method": "mAIHT",
-                    "sparsity": self.config.sparsity,
-                    "pattern": self.config.pattern,
-                    "measured_sparsity": round(report["sparsity"], 6),
-                    "format": save_format,
-                    "config_file": "maiht_config.json",
-                },
-            )
-            write_model_card(tmp, report, **(model_card or {}))  # after config.json: it reads the format
-        target = Path(save_directory).expanduser().resolve()
-        logger.info("saved the pruned model (%s) to %s", save_format, target)
-        return target
+        return save_pruned(
+            save_directory,
+            self.model,
+            self.config,
+            self.report,
+            tokenizer=self.tokenizer,
+            save_format=save_format,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            model_card=model_card,
+        )
 
     def push_to_hub(
         self,
         repo_id: str,
         *,
-        private: bool | None = None,
-        token: str | None = None,
-        create_pr: bool = False,
-        commit_message: str | None = None,
-        revision: str | None = None,
-        endpoint: str | None = None,
         save_format: str = "dense",
         model_card: dict[str, Any] | None = None,
+        **hub_options: Any,
     ) -> str:
         """Save into a temporary folder (as :meth:`save_pretrained`, the card naming ``repo_id``) and upload
-        it with :func:`optimum_maiht.hub.push_to_hub`; returns the commit or PR URL. A folder saved earlier
-        is pushed with ``optimum_maiht.push_to_hub(folder, repo_id, ...)``. The token comes from ``token``,
-        ``HF_TOKEN`` or the cached login, and is never written anywhere."""
+        it with :func:`optimum_maiht.hub.push_to_hub`, which takes ``hub_options`` (``private``, ``token``,
+        ``create_pr``, ``commit_message``, ``revision``, ``endpoint``); returns the commit or PR URL. The
+        token comes from ``token``, ``HF_TOKEN`` or the cached login, and is never written anywhere."""
+        from .hub import push_to_hub
+
         with tempfile.TemporaryDirectory(prefix="maiht-push-") as tmp:
             card = {"repo_id": repo_id, **(model_card or {})}
             folder = self.save_pretrained(Path(tmp) / "model", save_format=save_format, model_card=card)
-            return push_to_hub(
-                folder,
-                repo_id,
-                private=private,
-                token=token,
-                create_pr=create_pr,
-                commit_message=commit_message,
-                revision=revision,
-                endpoint=endpoint,
-            )
-
-
-_BUNDLED_SPLITS = {"wikitext2": "validation", "wikitext2-test": "test"}
-
-
-def _describe(data: Any) -> str:
-    """A short, JSON-friendly name for calibration / evaluation data, for the report and the card."""
-    if isinstance(data, (str, os.PathLike)):
-        split = _BUNDLED_SPLITS.get(str(data))
-        return f"wikitext-2-raw-v1 ({split} excerpt bundled with optimum-maiht)" if split else str(data)
-    if isinstance(data, torch.Tensor):
-        return f"token ids {list(data.shape)}"
-    return type(data).__name__
-
-
-def _split_of(data: Any) -> str | None:
-    name = str(data) if isinstance(data, (str, os.PathLike)) else ""
-    return _BUNDLED_SPLITS.get(name) or next((s for s in ("test", "validation", "train") if s in name), None)
+            return push_to_hub(folder, repo_id, **hub_options)
 
 
 def _try_tokenizer(source: str | None) -> Any | None:
@@ -320,16 +237,3 @@ def _try_tokenizer(source: str | None) -> Any | None:
     except (OSError, ValueError, TypeError) as err:
         logger.info("no tokenizer loaded from %s (%s); calibrate with token ids", source, err)
         return None
-
-
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from . import __version__
-
-    return {
-        "optimum_maiht": __version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }

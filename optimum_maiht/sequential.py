@@ -1,4 +1,4 @@
-"""The sequential pipeline: prune a causal LM one decoder block at a time (DESIGN.md section 3).
+"""The sequential pipeline: prune a causal LM one decoder block at a time (docs/design.md, "Pipeline").
 
 Nothing here is model specific. The decoder blocks are the largest homogeneous ``nn.ModuleList``; the
 target layers are the ``nn.Linear`` / transformers ``Conv1D`` modules inside them; whatever keyword
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,81 +19,34 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .configuration import MAIHTConfig
+from .model_utils import block_prefix, find_decoder_blocks, linear_types, weight_matrix
+from .report import KeptDense, LayerReport
 from .solver import maiht_prune
 
 logger = logging.getLogger(__name__)
 
 
-def _linear_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D
-
-    return (nn.Linear, Conv1D)
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' ``Conv1D`` (GPT-2 family) stores its weight transposed: (in, out)."""
-    return type(module).__name__ == "Conv1D" and not isinstance(module, nn.Linear)
-
-
-def weight_matrix(module: nn.Module) -> Tensor:
-    """The layer's weight as (out, in), a view for both ``nn.Linear`` and ``Conv1D``."""
-    return module.weight.t() if is_conv1d(module) else module.weight
-
-
-@dataclass
-class LayerReport:
-    """What happened to one target layer."""
-
-    name: str
-    shape: list[int]
-    sparsity: float
-    error_before: float
-    """Relative output error of the initial (Wanda) mask, before any weight update."""
-    error_after: float
-    """Relative output error after mAIHT and the refit."""
-    iterations: int
-    seconds: float
-    history: list[float] = field(default_factory=list)
-    skipped: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 # --------------------------------------------------------------------------------------------------
-# finding blocks and target layers
+# finding target layers
 
 
-def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The repeated decoder blocks: the ``nn.ModuleList`` of one module type holding the most parameters."""
-    best: tuple[str, nn.ModuleList, int] | None = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            size = sum(p.numel() for p in module.parameters())
-            if size and (best is None or size > best[2]):
-                best = (name, module, size)
-    if best is None:
-        raise ValueError(
-            f"{type(model).__name__} has no decoder blocks (no nn.ModuleList of repeated layers): "
-            "mAIHT prunes the linear layers of a transformer's decoder blocks"
-        )
-    return best[0], best[1]
+def _matches(patterns: list[str], name: str) -> str | None:
+    """The first regex of ``patterns`` that ``re.search``-matches ``name``."""
+    return next((p for p in patterns if re.search(p, name)), None)
 
 
 def find_target_layers(
     model: nn.Module, blocks_name: str, blocks: nn.ModuleList, config: MAIHTConfig
 ) -> list[dict[str, nn.Module]]:
     """Per block, ``{full name: layer}`` of the layers to prune, selected by ``targets`` / ``ignore``."""
-    linear = _linear_types()
-    selected = [re.compile(p) for p in config.targets]
-    ignored = [re.compile(p) for p in config.ignore]
+    linear = linear_types()
 
     def wanted(name: str) -> bool:
-        return any(p.search(name) for p in selected) and not any(p.search(name) for p in ignored)
+        return _matches(config.targets, name) is not None and _matches(config.ignore, name) is None
 
     per_block = []
     for i, block in enumerate(blocks):
-        prefix = f"{blocks_name}.{i}." if blocks_name else f"{i}."
+        prefix = block_prefix(blocks_name, i)
         per_block.append(
             {prefix + n: m for n, m in block.named_modules() if isinstance(m, linear) and wanted(prefix + n)}
         )
@@ -110,6 +63,35 @@ def find_target_layers(
             f"Conv1D inside the decoder blocks '{blocks_name}'{hint}"
         )
     return per_block
+
+
+def kept_dense_weights(
+    blocks_name: str, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]], config: MAIHTConfig
+) -> list[KeptDense]:
+    """Every matrix-shaped parameter inside the blocks that is not a target weight, with the reason."""
+    target_weights = {id(layer.weight) for layers in targets for layer in layers.values()}
+    kept = []
+    for i, block in enumerate(blocks):
+        prefix = block_prefix(blocks_name, i)
+        owners = {id(m.weight): n for n, m in block.named_modules() if isinstance(m, linear_types())}
+        for pname, param in block.named_parameters():
+            if param.dim() < 2 or id(param) in target_weights:
+                continue
+            name = prefix + pname
+            module_name = prefix + owners[id(param)] if id(param) in owners else name
+            kept.append(KeptDense(name, list(param.shape), _dense_reason(module_name, param, config)))
+    return kept
+
+
+def _dense_reason(name: str, param: nn.Parameter, config: MAIHTConfig) -> str:
+    ignored = _matches(config.ignore, name)
+    if ignored is not None:
+        return f"ignored by the pattern {ignored!r}"
+    if _matches(config.targets, name) is None:
+        return f"not selected by targets={config.targets}"
+    if param.dim() == 3:
+        return "fused expert weights (3-D): not a linear layer the pipeline prunes"
+    return "not the weight of an nn.Linear / Conv1D layer"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,10 +237,12 @@ def prune_sequential(
     config: MAIHTConfig,
     device: torch.device,
     progress: bool = True,
-) -> list[LayerReport]:
-    """Prune ``model`` in place, block by block, and return a report per target layer."""
+) -> tuple[list[LayerReport], list[KeptDense]]:
+    """Prune ``model`` in place, block by block; return a report per target layer and the list of the
+    other matrices inside the blocks, kept dense, with the reason."""
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_target_layers(model, blocks_name, blocks, config)
+    kept = kept_dense_weights(blocks_name, blocks, targets, config)
     home = next(model.parameters()).device
     nm = config.nm
 
@@ -291,7 +275,7 @@ def prune_sequential(
                 i,
             )
         blocks[i].to(home)
-    return reports
+    return reports, kept
 
 
 def _prune_layer(

@@ -1,9 +1,15 @@
-"""Writing pruned checkpoints: atomically, transformers-style, annotated so that anyone can load them."""
+"""Writing pruned folders: atomically, transformers-style, annotated so that anyone can load them.
+
+A saved folder holds the weights (dense safetensors with exact zeros, or the compact format of
+:mod:`optimum_maiht.compressed`), ``config.json`` with a ``"maiht"`` summary, the tokenizer,
+``maiht_config.json``, ``maiht_report.json`` and the model card ``README.md``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -11,9 +17,23 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-REPORT_NAME = "maiht_report.json"
-CONFIG_ANNOTATION_KEY = "maiht"
-"""Key added to ``config.json``: transformers keeps unknown keys as config attributes and ignores them."""
+from torch import nn
+
+from .configuration import MAIHTConfig
+from .constants import CONFIG_ANNOTATION_KEY, CONFIG_NAME, REPORT_NAME, SAVE_FORMATS
+from .report import PruneReport
+
+logger = logging.getLogger(__name__)
+
+
+def check_output_folder(save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
+    """The resolved output folder; refuses a file, and a non-empty folder unless ``overwrite=True``."""
+    target = Path(save_directory).expanduser().resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} is not empty; choose another folder or pass overwrite=True")
+    return target
 
 
 @contextlib.contextmanager
@@ -23,11 +43,7 @@ def atomic_directory(save_directory: str | os.PathLike, overwrite: bool = False)
     A non-empty ``save_directory`` is refused unless ``overwrite=True`` (then it is replaced whole, only
     once the new folder is complete). On any error the temporary folder is removed and nothing changes.
     """
-    target = Path(save_directory).expanduser().resolve()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} is not empty; choose another folder or pass overwrite=True")
+    target = check_output_folder(save_directory, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
@@ -44,11 +60,6 @@ def atomic_directory(save_directory: str | os.PathLike, overwrite: bool = False)
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def looks_like_local_path(source: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else is a path."""
-    return source.startswith((".", "/", "~")) or source.count("/") > 1 or "\\" in source
-
-
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
 
@@ -59,3 +70,86 @@ def annotate_model_config(folder: Path, annotation: dict[str, Any]) -> None:
     config = json.loads(path.read_text())
     config[CONFIG_ANNOTATION_KEY] = annotation
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def saved_format(folder: str | os.PathLike) -> str:
+    """The storage format a saved folder declares in ``config.json`` (``"maiht": {"format": ...}``);
+    ``"dense"`` when it says nothing."""
+    try:
+        annotation = json.loads((Path(folder) / "config.json").read_text()).get(CONFIG_ANNOTATION_KEY)
+    except (OSError, json.JSONDecodeError):
+        return "dense"
+    found = annotation.get("format") if isinstance(annotation, dict) else None
+    return found if found in SAVE_FORMATS else "dense"
+
+
+def save_pruned(
+    save_directory: str | os.PathLike,
+    model: nn.Module,
+    config: MAIHTConfig,
+    report: PruneReport,
+    *,
+    tokenizer: Any | None = None,
+    save_format: str = "dense",
+    overwrite: bool = False,
+    max_shard_size: str | int = "5GB",
+    model_card: dict[str, Any] | None = None,
+) -> Path:
+    """Write a pruned model's folder atomically and return its resolved path.
+
+    ``save_format="dense"``: transformers safetensors with exact zeros (plain ``AutoModelForCausalLM``
+    loads it); ``"compressed"``: kept values plus packed masks for every pruned layer of ``report``.
+    ``model_card``: keyword arguments of :func:`optimum_maiht.model_card.render_model_card`.
+    """
+    from .model_card import write_model_card
+
+    if save_format not in SAVE_FORMATS:
+        raise ValueError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
+    with atomic_directory(save_directory, overwrite=overwrite) as tmp:
+        _write_weights(tmp, model, config, report, save_format, max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        config.save_pretrained(tmp)
+        write_json(tmp / REPORT_NAME, report.to_dict())
+        annotate_model_config(tmp, _annotation(config, report, save_format))
+        write_model_card(tmp, report, storage_format=save_format, **(model_card or {}))
+    target = Path(save_directory).expanduser().resolve()
+    logger.info("saved the pruned model (%s) to %s", save_format, target)
+    return target
+
+
+def _write_weights(
+    folder: Path,
+    model: nn.Module,
+    config: MAIHTConfig,
+    report: PruneReport,
+    save_format: str,
+    max_shard_size: str | int,
+) -> None:
+    if save_format == "dense":
+        model.save_pretrained(folder, max_shard_size=max_shard_size)
+        return
+    from .compressed import save_compressed
+
+    pruned = {_parameter_name(layer.name): config.nm for layer in report.pruned}
+    save_compressed(model, folder, pruned, max_shard_size=max_shard_size)
+
+
+def _parameter_name(layer_name: str) -> str:
+    """The state-dict name of a pruned layer's weight: ``"...q_proj"`` -> ``"...q_proj.weight"``; a fused
+    expert slice ``"...experts.gate_up_proj[3]"`` is stored with its whole parameter."""
+    if layer_name.endswith("]"):
+        return layer_name[: layer_name.rindex("[")]
+    return f"{layer_name}.weight"
+
+
+def _annotation(config: MAIHTConfig, report: PruneReport, save_format: str) -> dict[str, Any]:
+    """The ``"maiht"`` entry of ``config.json``: a summary; the details are in our own files."""
+    return {
+        "method": "mAIHT",
+        "sparsity": config.sparsity,
+        "pattern": config.pattern,
+        "measured_sparsity": round(report.sparsity, 6),
+        "format": save_format,
+        "config_file": CONFIG_NAME,
+    }

@@ -1,7 +1,7 @@
 """mAIHT for one linear layer: a pure tensor function (no model, file or Hub code).
 
-Problem (DESIGN.md section 1): given the weight ``W0`` (out x in) and the Gram matrix ``H = X^T X`` of the
-layer's calibration inputs, find ``W`` in the sparsity set minimising
+Problem (docs/design.md, "The layer problem"): given the weight ``W0`` (out x in) and the Gram matrix
+``H = X^T X`` of the layer's calibration inputs, find ``W`` in the sparsity set minimising
 
     f(W) = 1/2 tr((W - W0) H (W - W0)^T)        (= 1/2 ||X W^T - X W0^T||_F^2)
 

@@ -34,7 +34,7 @@ def prune(model, pattern: str) -> dict[str, tuple[int, int] | None]:
     config = MAIHTConfig(pattern=pattern, iterations=1, refit_iterations=0, sequence_length=32)
     pruner = MAIHTPruner(model, config, device="cpu")
     pruner.prune(calibration_ids(4, 32), progress=False)
-    layers = {f"{r['name']}.weight": config.nm for r in pruner.report["layers"] if r["skipped"] is None}
+    layers = {f"{r.name}.weight": config.nm for r in pruner.report.pruned}
     assert layers
     return layers
 

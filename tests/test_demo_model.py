@@ -43,7 +43,7 @@ def test_demo_model_prunes_two_blocks_to_2of4_and_reloads(tmp_path):
         eval_max_windows=4,
         progress=False,
     )
-    report = pruner.report
+    report = pruner.report.to_dict()
     assert report["layers_pruned"] == 14 and report["sparsity"] == pytest.approx(0.5)
     for layer in report["layers"]:
         assert layer["error_after"] < layer["error_before"], layer["name"]

@@ -28,7 +28,8 @@ from hub_server import FakeHub
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
-from optimum_maiht.hub import HubPushError, push_to_hub, render_model_card, write_model_card
+from optimum_maiht.hub import HubPushError, push_to_hub
+from optimum_maiht.model_card import render_model_card, write_model_card
 
 BASE = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TOKEN = "hf_" + secrets.token_hex(16)  # made up per run: must never leave the Authorization header
@@ -62,7 +63,7 @@ def pruned(tmp_path_factory):
     before = perplexity(model, tokenizer, **evaluate)
     pruner.prune(calibration_ids(), progress=False)
     report = pruner.report
-    report["evaluation"] = {"dataset": "wikitext-2-raw-v1 (test excerpt)", "split": "test",
+    report.evaluation = {"dataset": "wikitext-2-raw-v1 (test excerpt)", "split": "test",
                             "sequence_length": 32, "windows": 4, "perplexity_before": before,
                             "perplexity_after": perplexity(model, tokenizer, **evaluate)}
     folder = tmp_path_factory.mktemp("pruned") / "model"
@@ -116,7 +117,7 @@ def hub(loopback):
 
 
 def test_card_metadata_and_body(pruned):
-    report, model = pruned.report, pruned.model
+    report, model = pruned.report.to_dict(), pruned.model
     text = (pruned.folder / "README.md").read_text()
     meta = front_matter(text)
     assert meta["base_model"] == BASE
@@ -145,7 +146,7 @@ def test_card_metadata_and_body(pruned):
 
 
 def test_card_unstructured_without_evaluation(pruned):
-    report = dict(pruned.report, base_model="/some/local/folder", evaluation=None)
+    report = dict(pruned.report.to_dict(), base_model="/some/local/folder", evaluation=None)
     report["config"] = dict(report["config"], pattern="unstructured", sparsity=0.6)
     card = render_model_card(report)
     meta = front_matter(str(card))
@@ -168,9 +169,7 @@ def test_card_repo_id_and_errors(pruned):
 
 
 def test_card_for_a_compressed_folder(pruned, tmp_path):
-    config = {"model_type": "llama", "maiht": {"format": "compressed"}}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    text = write_model_card(tmp_path, pruned.report, repo_id=REPO).read_text()
+    text = write_model_card(tmp_path, pruned.report, repo_id=REPO, storage_format="compressed").read_text()
     assert "model = MAIHTModelForCausalLM.from_pretrained(model_id)" in text
     assert "AutoModelForCausalLM.from_pretrained" not in text and "Dense storage" not in text
     assert "Dense storage" in str(render_model_card(pruned.report))  # the default
@@ -209,7 +208,7 @@ def test_push_uploads_the_folder(hub, folder):
 def test_published_config_reproduces_the_run(hub, folder, pruned, tmp_path):
     push_to_hub(folder, REPO, token=TOKEN, endpoint=hub.url)
     config = MAIHTConfig.from_pretrained(REPO, endpoint=hub.url, token=TOKEN, cache_dir=tmp_path / "cache")
-    assert config.to_dict() == pruned.report["config"]
+    assert config.to_dict() == pruned.report.config
 
 
 def test_create_pr_and_public_default(hub, folder):

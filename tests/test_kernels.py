@@ -9,7 +9,7 @@ import torch
 from conftest import calibration_ids, make_tiny_model
 
 from optimum_maiht.kernels import enable_2of4_kernels, not_2of4_reason
-from optimum_maiht.sequential import find_decoder_blocks, is_conv1d, weight_matrix
+from optimum_maiht.model_utils import find_decoder_blocks, is_conv1d, weight_matrix
 from optimum_maiht.solver import magnitude_prune
 
 

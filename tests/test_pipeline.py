@@ -13,7 +13,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
-from optimum_maiht.sequential import GramCollector, find_decoder_blocks, weight_matrix
+from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
+from optimum_maiht.sequential import GramCollector
 
 SMALL = dict(num_samples=8, sequence_length=32, batch_size=4, iterations=5, refit_iterations=5)
 
@@ -117,10 +118,10 @@ def test_text_calibration_with_tokenizer_and_evaluation(tmp_path):
     pruner.prune(
         [text, text], eval_dataset=[text], eval_sequence_length=32, eval_max_windows=4, progress=False
     )
-    evaluation = pruner.report["evaluation"]
+    evaluation = pruner.report.evaluation
     assert math.isfinite(evaluation["perplexity_before"]) and math.isfinite(evaluation["perplexity_after"])
     assert evaluation["perplexity_before"] != evaluation["perplexity_after"]
-    assert pruner.report["calibration"]["tokens"] == 8 * 32
+    assert pruner.report.calibration["tokens"] == 8 * 32
 
 
 def test_layers_reading_the_same_input_share_one_gram_matrix():
@@ -167,7 +168,7 @@ def test_layers_whose_input_is_not_a_multiple_of_m_are_skipped_with_a_warning(ca
     assert skipped == {"model.layers.0.mlp.down_proj"}
     assert "not a multiple of M=3" in caplog.text
     assert (model.model.layers[0].mlp.down_proj.weight != 0).all()
-    assert pruner.report["layers_skipped"] == 1
+    assert len(pruner.report.skipped) == 1
 
 
 def test_non_finite_activations_do_not_make_a_nan_model(caplog):
@@ -199,7 +200,7 @@ def test_sequence_length_is_capped_at_the_model_context(caplog):
     with caplog.at_level(logging.WARNING):
         pruner.prune([text], progress=False)
     assert "exceeds the model's context of 128" in caplog.text
-    assert pruner.report["calibration"]["sequence_length"] == 128
+    assert pruner.report.calibration["sequence_length"] == 128
 
 
 def test_errors_on_bad_models_and_data(tmp_path):
@@ -247,4 +248,4 @@ def test_from_pretrained_loads_model_and_tokenizer_from_a_folder(tmp_path):
     pruner = MAIHTPruner.from_pretrained(tmp_path / "m", MAIHTConfig(pattern="2:4", **SMALL))
     assert pruner.tokenizer is not None
     pruner.prune(["some text for calibration " * 30], progress=False)
-    assert pruner.report["sparsity"] == pytest.approx(0.5)
+    assert pruner.report.sparsity == pytest.approx(0.5)

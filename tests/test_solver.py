@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import calibration_ids, make_tiny_model
 
-from optimum_maiht.sequential import GramCollector, find_decoder_blocks
+from optimum_maiht.model_utils import find_decoder_blocks
+from optimum_maiht.sequential import GramCollector
 from optimum_maiht.solver import (
     column_scale,
     lambda_max,

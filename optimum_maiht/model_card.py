@@ -1,0 +1,238 @@
+"""The model card of a pruned model: Hub metadata plus what was done, rendered from a Jinja template.
+
+The card (``README.md``) carries the Hub metadata (``base_model``, licence, tags, ``model-index`` with the
+measured perplexities) and says what the model is, how it was pruned and how to load it. It is written by
+:func:`optimum_maiht.serialization.save_pruned` into every saved folder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .constants import CARD_NAME, SAVE_FORMATS
+from .model_utils import looks_like_local_path
+from .report import PruneReport, layer_type
+
+if TYPE_CHECKING:
+    from huggingface_hub import ModelCard
+
+TEMPLATE_NAME = "maiht_model_card.md.j2"
+
+_WIKITEXT = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+
+
+def template_path() -> Path:
+    """The card template: ``optimum_maiht/model_cards/`` once installed, ``model_cards/`` in a source tree
+    (the wheel maps the repository's ``model_cards/`` folder into the package)."""
+    here = Path(__file__).resolve().parent
+    for folder in (here / "model_cards", here.parent / "model_cards"):
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder / TEMPLATE_NAME
+    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found in {here / 'model_cards'} or "
+                            f"{here.parent / 'model_cards'}; reinstall optimum-maiht")
+
+
+def _is_hub_id(value: Any) -> bool:
+    """True for a plausible Hub model id (``name`` or ``owner/name``) that is not a local path."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not isinstance(value, str) or not value or looks_like_local_path(value):
+        return False
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return not Path(value).exists()
+
+
+def _pattern(config: dict[str, Any]) -> tuple[str, str, str, tuple[int, int] | None]:
+    """(human text, Hub tag, kind "2:4" | "nm" | "unstructured", (N, M) or None) of the run's pattern."""
+    pattern = str(config.get("pattern", "unstructured"))
+    sparsity = float(config.get("sparsity") or 0.5)
+    match = re.fullmatch(r"(\d+):(\d+)", pattern)
+    if match is None:
+        return f"{sparsity:.0%} unstructured sparsity", "unstructured-sparsity", "unstructured", None
+    n, m = int(match[1]), int(match[2])
+    kind = "2:4" if (n, m) == (2, 4) else "nm"
+    text = f"{n}:{m} semi-structured sparsity" if kind == "2:4" else f"{n}:{m} sparsity ({sparsity:.0%})"
+    return text, f"{n}:{m}-sparsity", kind, (n, m)
+
+
+def _cell(value: Any) -> str:
+    """A config value as Markdown table cell text (``|`` escaped, so regexes keep the table intact)."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v) for v in value) if value else "(none)"
+    if isinstance(value, float):
+        value = f"{value:g}"
+    return "`" + str(value).replace("|", "\\|") + "`"
+
+
+def _eval_results(evaluation: dict[str, Any], pattern_text: str) -> list[Any]:
+    from huggingface_hub import EvalResult
+
+    dataset = str(evaluation.get("dataset") or "unknown")
+    dataset_type, dataset_config = _WIKITEXT if "wikitext" in dataset.lower() else (dataset, None)
+    common = dict(task_type="text-generation", task_name="Text Generation", dataset_type=dataset_type,
+                  dataset_name=dataset, dataset_config=dataset_config, dataset_split=evaluation.get("split"),
+                  metric_type="perplexity")
+    return [
+        EvalResult(**common, metric_value=round(float(evaluation["perplexity_before"]), 4),
+                   metric_name="Perplexity of the dense base model (before pruning)"),
+        EvalResult(**common, metric_value=round(float(evaluation["perplexity_after"]), 4),
+                   metric_name=f"Perplexity after pruning ({pattern_text})"),
+    ]
+
+
+def render_model_card(
+    report: PruneReport | dict[str, Any],
+    *,
+    base_model: str | None = None,
+    license: str | None = None,
+    repo_id: str | None = None,
+    notes: str | None = None,
+    storage_format: str = "dense",
+) -> ModelCard:
+    """Render the model card of a pruned model from its report.
+
+    Args:
+        report: ``pruner.report`` or the saved ``maiht_report.json`` (as a dict); an ``evaluation`` with
+            ``perplexity_before`` / ``perplexity_after`` adds the results.
+        base_model: Hub id of the model that was pruned; default: the report's ``base_model`` when it is a
+            Hub id (a local path is not, and is left out of the metadata).
+        license: licence of the base model (e.g. ``"apache-2.0"``), carried over; left out when unknown,
+            never guessed.
+        repo_id: the Hub repository the card is for (used in the loading examples and as the title).
+        notes: extra Markdown placed under the description (e.g. where the base weights came from).
+        storage_format: ``"dense"`` (safetensors with zeros, plain transformers loads it) or
+            ``"compressed"`` (the compact format; the card says to load it with ``MAIHTModelForCausalLM``).
+    """
+    from huggingface_hub import ModelCard
+
+    if isinstance(report, dict):
+        if not report.get("layers"):
+            raise ValueError("the report has no layers: prune first (pruner.prune(...)), then pass "
+                             "pruner.report")
+        report = PruneReport.from_dict(report)
+    if not report.layers:
+        raise ValueError("the report has no layers: prune first (pruner.prune(...)), then pass pruner.report")
+    if base_model is not None and not _is_hub_id(base_model):
+        raise ValueError(f"base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', "
+                         f"got {base_model!r}")
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    if storage_format not in SAVE_FORMATS:
+        raise ValueError(f"storage_format must be one of {SAVE_FORMATS}, got {storage_format!r}")
+    base_model = base_model or (report.base_model if _is_hub_id(report.base_model) else None)
+    pattern = _pattern(report.config)
+    title = _title(repo_id, base_model, report.config, pattern[3])
+    evaluation = _complete_evaluation(report.evaluation)
+    return ModelCard.from_template(
+        _card_data(report, base_model, license, title, pattern, evaluation),
+        template_path=str(template_path()),
+        title=title,
+        notes=notes,
+        pattern_text=pattern[0],
+        pattern_kind=pattern[2],
+        config_rows=[(key, _cell(value)) for key, value in report.config.items()],
+        sparsity_rows=report.sparsity_by_type(),
+        overall={"layers": len(report.pruned), "sparsity": report.sparsity},
+        skipped=[{"name": layer.name, "reason": layer.skipped} for layer in report.skipped],
+        kept_dense=_kept_dense_rows(report),
+        experts=_expert_statistics(report),
+        calibration=report.calibration,
+        device=report.device,
+        seconds=report.seconds,
+        evaluation=evaluation,
+        versions=report.versions,
+        model_ref=repo_id or "path/to/this/model",
+        storage_format=storage_format,
+    )
+
+
+def _title(repo_id: str | None, base_model: str | None, config: dict[str, Any], nm: tuple | None) -> str:
+    if repo_id:
+        return repo_id.split("/")[-1]
+    if base_model:
+        percent = round(100 * float(config.get("sparsity") or 0.5))
+        slug = f"{nm[0]}of{nm[1]}" if nm else f"unstructured{percent}"
+        return f"{base_model.split('/')[-1]}-maiht-{slug}"
+    return "mAIHT-pruned model"
+
+
+def _complete_evaluation(evaluation: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The evaluation, if it holds both perplexities (else the card shows none)."""
+    keys = ("perplexity_before", "perplexity_after")
+    if evaluation and all(isinstance(evaluation.get(k), (int, float)) for k in keys):
+        return evaluation
+    return None
+
+
+def _card_data(
+    report: PruneReport,
+    base_model: str | None,
+    license: str | None,
+    title: str,
+    pattern: tuple,
+    evaluation: dict[str, Any] | None,
+) -> Any:
+    """The card's YAML metadata (what the Hub indexes)."""
+    from huggingface_hub import ModelCardData
+
+    source = str(report.calibration.get("source", "")).lower()
+    return ModelCardData(
+        base_model=base_model,
+        license=license,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["pruned", "sparse", "mAIHT", "optimum", pattern[1]],
+        datasets=[_WIKITEXT[0]] if "wikitext" in source else None,
+        model_name=title,
+        eval_results=_eval_results(evaluation, pattern[0]) if evaluation else None,
+    )
+
+
+def _kept_dense_rows(report: PruneReport) -> list[dict[str, Any]]:
+    """Matrices kept dense, grouped by layer type and reason (an MoE model has thousands of them)."""
+    groups: dict[tuple[str, str], int] = {}
+    for weight in report.kept_dense:
+        key = (layer_type(weight.name), weight.reason)
+        groups[key] = groups.get(key, 0) + 1
+    return [{"type": kind, "count": count, "reason": reason} for (kind, reason), count in groups.items()]
+
+
+def _expert_statistics(report: PruneReport) -> dict[str, Any] | None:
+    """For MoE models: how many expert matrices were pruned, and how many on all tokens (starved)."""
+    experts = [layer for layer in report.pruned if layer.statistics is not None]
+    if not experts:
+        return None
+    starved = [layer for layer in experts if layer.statistics != "routed"]
+    tokens = [layer.tokens or 0 for layer in experts]
+    return {"matrices": len(experts), "starved": len(starved), "min_tokens": min(tokens),
+            "max_tokens": max(tokens)}
+
+
+def write_model_card(folder: str | os.PathLike, report: PruneReport | dict[str, Any], **kwargs: Any) -> Path:
+    """Render the card (``kwargs`` as in :func:`render_model_card`) and write it as ``folder/README.md``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"cannot write the model card: {folder} is not a folder")
+    path = folder / CARD_NAME
+    path.write_text(str(render_model_card(report, **kwargs)), encoding="utf-8")
+    return path
+
+
+def check_repo_id(repo_id: Any) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    hint = "use 'namespace/name', e.g. 'my-user/SmolLM2-135M-maiht-2of4'"
+    if not isinstance(repo_id, str) or not repo_id.strip():
+        raise ValueError(f"repo_id must be a non-empty string; {hint}")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repository id ({err}); {hint}") from None
+
+

@@ -1,0 +1,207 @@
+"""The pruning report: what happened to every weight matrix of the decoder blocks, as typed objects.
+
+``MAIHTPruner.prune`` fills a :class:`PruneReport`; it is saved as ``maiht_report.json``
+(``PruneReport.to_dict`` / ``from_dict`` round-trip) and rendered in the model card and the CLI summary.
+Every matrix inside the decoder blocks appears exactly once: pruned (a :class:`LayerReport` with
+``skipped=None``), a target that could not be pruned (``skipped`` says why), or not a target at all
+(:class:`KeptDense`, with the reason).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+REPORT_VERSION = 2
+"""Version 1 (optimum-maiht 0.1.0) had no ``report_version`` and no ``kept_dense``; both are read."""
+
+_BLOCK_PREFIX = re.compile(r"^.*?\.\d+\.")  # "model.layers.3." in "model.layers.3.mlp.up_proj"
+_INNER_INDEX = re.compile(r"\.\d+\.")  # per-expert modules: "mlp.experts.7.up_proj"
+_EXPERT_INDEX = re.compile(r"\[\d+\]$")  # fused expert slices: "mlp.experts.gate_up_proj[7]"
+
+
+def layer_type(name: str) -> str:
+    """The name of a layer without its block and expert indices: ``"model.layers.3.mlp.experts.7.up_proj"``
+    -> ``"mlp.experts.*.up_proj"``, ``"model.layers.0.mlp.experts.down_proj[5]"`` -> ``"...down_proj[*]"``."""
+    kind = _INNER_INDEX.sub(".*.", _BLOCK_PREFIX.sub("", name, count=1))
+    return _EXPERT_INDEX.sub("[*]", kind)
+
+
+@dataclass
+class LayerReport:
+    """What happened to one target weight matrix (a linear layer, or one expert's slice of a fused one)."""
+
+    name: str
+    shape: list[int]
+    """(out, in) of the linear map."""
+    sparsity: float
+    error_before: float
+    """Relative output error of the initial (Wanda) mask, before any weight update."""
+    error_after: float
+    """Relative output error after mAIHT and the refit."""
+    iterations: int
+    seconds: float
+    history: list[float] = field(default_factory=list)
+    skipped: str | None = None
+    """Why this target was kept dense (``None``: it was pruned)."""
+    tokens: int | None = None
+    """Calibration tokens whose inputs built this layer's Gram matrix (for an expert: those routed to it)."""
+    statistics: str | None = None
+    """For an expert: ``"routed"`` (its own tokens) or ``"all tokens"`` (too few were routed to it)."""
+
+    @property
+    def size(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("tokens", "statistics"):  # absent for plain linear layers, as in report version 1
+            if data[key] is None:
+                del data[key]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class KeptDense:
+    """A weight matrix inside the decoder blocks that was not a target, and why (router, ignored...)."""
+
+    name: str
+    shape: list[int]
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class TypeSparsity:
+    """Sparsity of one layer type (see :func:`layer_type`) over the pruned layers of that type."""
+
+    type: str
+    layers: int
+    sparsity: float
+    error_before: float
+    error_after: float
+
+
+@dataclass
+class PruneReport:
+    """Summary and per-layer results of one pruning run."""
+
+    config: dict[str, Any]
+    layers: list[LayerReport]
+    kept_dense: list[KeptDense] = field(default_factory=list)
+    base_model: str | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """``source``, ``num_samples``, ``sequence_length``, ``tokens``, ``seed``."""
+    device: str | None = None
+    seconds: float | None = None
+    evaluation: dict[str, Any] | None = None
+    """``dataset``, ``split``, ``sequence_length``, ``windows``, ``perplexity_before`` / ``_after``."""
+    versions: dict[str, str] = field(default_factory=dict)
+    method: str = "mAIHT"
+
+    @property
+    def pruned(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.skipped is None]
+
+    @property
+    def skipped(self) -> list[LayerReport]:
+        return [layer for layer in self.layers if layer.skipped is not None]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of zeros over all pruned layers (weighted by size)."""
+        size = sum(layer.size for layer in self.pruned)
+        return sum(layer.sparsity * layer.size for layer in self.pruned) / size if size else 0.0
+
+    def sparsity_by_type(self) -> list[TypeSparsity]:
+        """One row per layer type (block and expert indices removed), in first-seen order."""
+        groups: dict[str, list[LayerReport]] = defaultdict(list)
+        for layer in self.pruned:
+            groups[layer_type(layer.name)].append(layer)
+        rows = []
+        for kind, members in groups.items():
+            size = sum(layer.size for layer in members)
+            rows.append(
+                TypeSparsity(
+                    type=kind,
+                    layers=len(members),
+                    sparsity=sum(layer.sparsity * layer.size for layer in members) / size,
+                    error_before=sum(layer.error_before for layer in members) / len(members),
+                    error_after=sum(layer.error_after for layer in members) / len(members),
+                )
+            )
+        return rows
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (``maiht_report.json``)."""
+        data: dict[str, Any] = {
+            "report_version": REPORT_VERSION,
+            "method": self.method,
+            "base_model": self.base_model,
+            "config": self.config,
+            "calibration": self.calibration,
+            "device": self.device,
+            "seconds": self.seconds,
+        }
+        if self.evaluation is not None:
+            data["evaluation"] = self.evaluation
+        data.update(
+            {
+                "sparsity": self.sparsity,
+                "layers_pruned": len(self.pruned),
+                "layers_skipped": len(self.skipped),
+                "versions": self.versions,
+                "layers": [layer.to_dict() for layer in self.layers],
+                "kept_dense": [weight.to_dict() for weight in self.kept_dense],
+            }
+        )
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PruneReport:
+        """Read a saved report (version 1 or 2); the derived fields (sparsity, counts) are recomputed."""
+        version = data.get("report_version", 1)
+        if not isinstance(version, int) or version > REPORT_VERSION:
+            raise ValueError(
+                f"report_version={version!r} is newer than this optimum-maiht reads ({REPORT_VERSION}): "
+                "pip install -U optimum-maiht"
+            )
+        if not isinstance(data.get("layers"), list) or not isinstance(data.get("config"), dict):
+            raise ValueError("not a mAIHT report: 'layers' (a list) and 'config' (an object) are required")
+        return cls(
+            config=data["config"],
+            layers=[LayerReport.from_dict(layer) for layer in data["layers"]],
+            kept_dense=[KeptDense(**weight) for weight in data.get("kept_dense", [])],
+            base_model=data.get("base_model"),
+            calibration=data.get("calibration") or {},
+            device=data.get("device"),
+            seconds=data.get("seconds"),
+            evaluation=data.get("evaluation"),
+            versions=data.get("versions") or {},
+            method=data.get("method", "mAIHT"),
+        )
+
+
+def library_versions() -> dict[str, str]:
+    """The versions that produced a run (recorded in the report for reproducibility)."""
+    import platform
+
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {
+        "optimum_maiht": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
