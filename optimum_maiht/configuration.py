@@ -14,8 +14,43 @@ from .constants import CONFIG_NAME
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
-# lm_head and embeddings stay dense (tied weights!); MoE routers ("...mlp.gate") are tiny and fragile.
-DEFAULT_IGNORE = [r"(^|\.)lm_head$", r"embed", r"(^|\.)gate$"]
+# lm_head and embeddings stay dense (tied weights!); MoE routers ("mlp.gate", "mlp.router") and the
+# one-output gate of a shared expert are tiny and decide where every token goes.
+DEFAULT_IGNORE = [r"(^|\.)lm_head$", r"embed", r"(^|\.)(gate|router|shared_expert_gate)$"]
+
+
+# Validation tables, checked in this order by MAIHTConfig.__post_init__ (after pattern and sparsity).
+# A new field of one of these kinds needs one line here.
+_CHOICES = {"scope": ("row", "layer"), "formulation": ("constraint", "penalty")}
+_INTEGERS = {  # field: (smallest allowed value, whether None is allowed)
+    "iterations": (0, False),
+    "refit_iterations": (0, False),
+    "num_samples": (1, False),
+    "sequence_length": (2, False),
+    "batch_size": (1, False),
+    "seed": (0, False),
+    "min_expert_tokens": (0, False),
+    "experts_per_pass": (1, True),
+}
+_REGEX_LISTS = ("targets", "ignore")
+
+
+def _is_number(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float))
+
+
+def _regex_list(name: str, value: Any) -> list[str]:
+    """``value`` as a list of regular expressions (a single string is a list of one), each checked."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{name} must be a list of regular expressions, got {value!r}")
+    for regex in value:
+        try:
+            re.compile(regex)
+        except re.error as err:
+            raise ValueError(f"{name} has an invalid regular expression {regex!r}: {err}") from None
+    return list(value)
 
 
 @dataclass
@@ -42,6 +77,12 @@ class MAIHTConfig:
         sequence_length: tokens per calibration window (capped at the model's context length).
         batch_size: calibration windows per forward pass (memory only; does not change the result much).
         seed: seeds the choice of calibration windows and the power iteration.
+        experts_per_pass: mixture-of-experts blocks: the experts whose Gram matrices are accumulated in one
+            calibration pass through the block (memory: this many times the sum of the squared input sizes
+            of an expert's matrices, in float32). ``None``: as many as fit in 2 GiB.
+        min_expert_tokens: an expert that the router sends fewer calibration tokens to gets its Gram
+            matrices from every calibration token instead (statistics only; its outputs are unchanged);
+            0 always uses the routed tokens.
     """
 
     sparsity: float | None = None
@@ -57,13 +98,23 @@ class MAIHTConfig:
     sequence_length: int = 2048
     batch_size: int = 8
     seed: int = 0
+    experts_per_pass: int | None = None
+    min_expert_tokens: int = 128
 
     def __post_init__(self) -> None:
+        nm = self._check_pattern_and_sparsity()
+        self._check_choices(nm)
+        self._check_integers()
+        self._check_ridge()
+        self._check_regex_lists()
+
+    def _check_pattern_and_sparsity(self) -> tuple[int, int] | None:
+        """Parse ``pattern``; default ``sparsity`` to 0.5 or the pattern's ``1 - N/M``, and check it."""
         nm = self._parse_pattern(self.pattern)
         implied = None if nm is None else 1.0 - nm[0] / nm[1]
         if self.sparsity is None:
             self.sparsity = 0.5 if implied is None else implied
-        if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)):
+        if not _is_number(self.sparsity):
             raise ValueError(f"sparsity must be a number in (0, 1), got {self.sparsity!r}")
         self.sparsity = float(self.sparsity)
         if not 0.0 < self.sparsity < 1.0:
@@ -73,38 +124,33 @@ class MAIHTConfig:
                 f"sparsity={self.sparsity} does not match pattern={self.pattern!r}, which keeps "
                 f"{nm[0]} of {nm[1]} (sparsity {implied:g}); drop sparsity or set it to {implied:g}"
             )
-        if self.scope not in ("row", "layer"):
-            raise ValueError(f"scope must be 'row' or 'layer', got {self.scope!r}")
-        if self.formulation not in ("constraint", "penalty"):
-            raise ValueError(f"formulation must be 'constraint' or 'penalty', got {self.formulation!r}")
+        return nm
+
+    def _check_choices(self, nm: tuple[int, int] | None) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"{name} must be {' or '.join(map(repr, allowed))}, got {value!r}")
         if self.formulation == "penalty" and nm is not None:
             raise ValueError("formulation='penalty' applies to pattern='unstructured' only")
-        for name, low in (
-            ("iterations", 0),
-            ("refit_iterations", 0),
-            ("num_samples", 1),
-            ("sequence_length", 2),
-            ("batch_size", 1),
-            ("seed", 0),
-        ):
+
+    def _check_integers(self) -> None:
+        for name, (low, none_allowed) in _INTEGERS.items():
             value = getattr(self, name)
+            if value is None and none_allowed:
+                continue
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        if isinstance(self.ridge, bool) or not isinstance(self.ridge, (int, float)) or not self.ridge >= 0:
+
+    def _check_ridge(self) -> None:
+        if not _is_number(self.ridge) or not self.ridge >= 0:  # "not >=" also rejects NaN
             raise ValueError(f"ridge must be a number >= 0, got {self.ridge!r}")
         self.ridge = float(self.ridge)
-        for name in ("targets", "ignore"):
-            value = getattr(self, name)
-            if isinstance(value, str):
-                value = [value]
-            if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-                raise ValueError(f"{name} must be a list of regular expressions, got {value!r}")
-            for regex in value:
-                try:
-                    re.compile(regex)
-                except re.error as err:
-                    raise ValueError(f"{name} has an invalid regular expression {regex!r}: {err}") from None
-            setattr(self, name, list(value))
+
+    def _check_regex_lists(self) -> None:
+        """``targets`` and ``ignore``: a string or a list of valid regexes, stored as a list."""
+        for name in _REGEX_LISTS:
+            setattr(self, name, _regex_list(name, getattr(self, name)))
         if not self.targets:
             raise ValueError("targets must name at least one regular expression, e.g. ['.*']")
 

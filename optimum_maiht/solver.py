@@ -7,16 +7,27 @@ Problem (docs/design.md, "The layer problem"): given the weight ``W0`` (out x in
 
 We work in the column-scaled space ``V = W * d`` with ``d = sqrt(diag H)``, so ``|V|`` is the Wanda score
 and the first projection reproduces Wanda's mask; ``G = H / (d d^T) + ridge * I`` keeps the problem
-well-posed. The iteration is the monotone accelerated proximal gradient of Li & Lin (2015) with the hard
-thresholding projection as its prox; the monotone choice is made per row whenever the sparsity set is
-row-separable. A conjugate-gradient refit on the final support follows. Every step can only lower the
-(ridge-regularised) objective, and its history is returned.
+well-posed.
+
+Iteration (docs/design.md, "The mAIHT iteration"): :func:`maiht_prune` runs four named steps,
+
+1. scale the problem and pick a safe step size (:class:`_LayerProblem`);
+2. start from the Wanda mask and run the monotone accelerated proximal gradient of Li & Lin (2015)
+   (:func:`_accelerated_iht`, one step is :func:`_li_lin_step`); its prox is the sparsity operator, the
+   hard-thresholding projection (:class:`_Constraint`) or the l0-penalty threshold with its adaptive
+   lambda (:class:`_Penalty`); the monotone choice is made per row whenever the sparsity set is
+   row-separable (:func:`_monotone_choice`);
+3. fix the exact-size final mask (:meth:`_Constraint.finish`);
+4. refit the kept weights by conjugate gradient on that support (:func:`_refit`).
+
+Every step can only lower the (ridge-regularised) objective, and its history is returned.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -192,97 +203,27 @@ def maiht_prune(
             target density, then an exact top-k fixes the mask; unstructured only).
         seed: seeds the power iteration that estimates the step size.
     """
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"weight must be (out, in) and hessian (in, in); got {tuple(weight.shape)} and "
-            f"{tuple(hessian.shape)}"
-        )
-    if formulation not in ("constraint", "penalty"):
-        raise ValueError(f"formulation must be 'constraint' or 'penalty', got {formulation!r}")
-    if formulation == "penalty" and nm is not None:
-        raise ValueError("formulation='penalty' applies to unstructured sparsity only")
-
-    device = weight.device
+    _check_arguments(weight, hessian, nm, formulation)
     w0 = weight.detach().float()
-    h = hessian.to(device)
-    d, g = column_scale(h, ridge)
-    v0 = w0 * d
-    # The per-row choice is only valid when the sparsity set is a product of per-row sets.
-    row_separable = nm is not None or scope == "row" or formulation == "penalty"
+    h = hessian.to(weight.device)
 
-    def proj(u: Tensor) -> Tensor:
-        return _keep(u, project(u, sparsity, nm, scope))
-
-    def grad_and_obj(x: Tensor) -> tuple[Tensor, Tensor]:
-        e = x - v0
-        eg = e @ g
-        return eg, _row_objective(e, eg)
-
-    # Safe step: 1/L with L an upper estimate of lambda_max(G); the monotone safeguard below also keeps the
-    # current iterate whenever both candidates are worse, so the history cannot increase even if it is low.
-    step = 1.0 / (1.05 * lambda_max(g, seed=seed))
-
-    wanda_mask = project(v0, sparsity, nm, scope)  # |V| is the Wanda score: the first projection is Wanda
-    x = _keep(v0, wanda_mask)
-    gx, fx = grad_and_obj(x)
-    history = [_total(fx)]
-    x_prev, gx_prev, z, gz = x, gx, x, gx
-    t_prev, t = 0.0, 1.0
-
-    lam = 0.0
-    keep_target = 1.0 - sparsity
+    # 1. the column-scaled problem and its step size
+    problem = _LayerProblem.build(w0, h, ridge, seed)
+    sparse: _Constraint
     if formulation == "penalty":
-        thr = float(v0.abs().flatten().kthvalue(max(1, round(sparsity * v0.numel()))).values)
-        lam = thr * thr / (2 * step)
+        sparse = _Penalty.start(sparsity, scope, problem)
+    else:
+        sparse = _Constraint(sparsity, nm, scope)
 
-    def penalised(f: Tensor, u: Tensor) -> Tensor:
-        return f + lam * (u != 0).sum(dim=1) if formulation == "penalty" else f
+    # 2. mAIHT from the Wanda mask (|V| is the Wanda score, so the first projection is Wanda)
+    wanda_mask = project(problem.v0, sparsity, nm, scope)
+    point, history = _accelerated_iht(problem, sparse, _keep(problem.v0, wanda_mask), iterations)
 
-    def prox(u: Tensor) -> Tensor:
-        if formulation == "penalty":
-            return _keep(u, u.abs() > math.sqrt(2 * lam * step))
-        return proj(u)
+    # 3. the exact-size final mask, 4. the refit on it
+    mask, point = sparse.finish(problem, point, history)
+    x = _refit(problem, point, mask, refit_iterations, history)
 
-    for _ in range(iterations):
-        a, b = t_prev / t, (t_prev - 1.0) / t
-        # Y = X + a (Z - X) + b (X - X_prev); grad f is affine, so grad f(Y) is the same combination
-        y = x.mul(1.0 - a + b).add_(z, alpha=a).sub_(x_prev, alpha=b)
-        gy = gx.mul(1.0 - a + b).add_(gz, alpha=a).sub_(gx_prev, alpha=b)
-        z = prox(y.sub_(gy, alpha=step))
-        gz, fz = grad_and_obj(z)
-        vn = prox(torch.add(x, gx, alpha=-step))
-        gv, fv = grad_and_obj(vn)
-        t_prev, t = t, (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
-
-        fz_p, fv_p, fx_p = penalised(fz, z), penalised(fv, vn), penalised(fx, x)
-        if row_separable:
-            take_z = fz_p <= fv_p
-            move = torch.where(take_z, fz_p, fv_p) <= fx_p
-        else:  # one choice for the whole matrix keeps the layer-wide count exact
-            take_z = (fz_p.sum() <= fv_p.sum()).expand_as(fx)
-            move = (torch.minimum(fz_p.sum(), fv_p.sum()) <= fx_p.sum()).expand_as(fx)
-        tz, tv = take_z & move, ~take_z & move
-        x_prev, gx_prev = x, gx
-        x = torch.where(tz[:, None], z, torch.where(tv[:, None], vn, x))
-        gx = torch.where(tz[:, None], gz, torch.where(tv[:, None], gv, gx))
-        fx = torch.where(tz, fz, torch.where(tv, fv, fx))
-        history.append(_total(penalised(fx, x)))
-        if formulation == "penalty":
-            density = float((x != 0).float().mean())
-            lam *= math.exp(2.0 * (density - keep_target) / keep_target)
-
-    # Exact-size mask: in the constraint form x is feasible, so this keeps all its nonzeros (filling up
-    # with zeros where a kept weight happens to be exactly zero); the penalty form needs the final top-k.
-    mask = project(x, sparsity, nm, scope)
-    if formulation == "penalty":
-        x = _keep(x, mask)
-        gx, fx = grad_and_obj(x)
-        history.append(_total(fx))
-
-    x, fx, refit_history = _refit(x, fx, v0, g, mask, refit_iterations)
-    history.extend(refit_history)
-
-    w = _keep(x / d, mask).to(weight.dtype)
+    w = _keep(x / problem.d, mask).to(weight.dtype)
     if not torch.isfinite(w).all():
         raise FloatingPointError("mAIHT produced non-finite weights; check the calibration activations")
     return SolverResult(
@@ -293,24 +234,222 @@ def maiht_prune(
         error=relative_output_error(w.float(), w0, h),
         iterations=iterations,
         refit_iterations=refit_iterations,
-        step_size=step,
+        step_size=problem.step,
     )
 
 
-def _refit(
-    x: Tensor, fx: Tensor, v0: Tensor, g: Tensor, mask: Tensor, steps: int
-) -> tuple[Tensor, Tensor, list[float]]:
-    """Minimise f on the fixed support by conjugate gradient, all rows at once (one matmul a step)."""
-    history: list[float] = []
+def _check_arguments(weight: Tensor, hessian: Tensor, nm: tuple[int, int] | None, formulation: str) -> None:
+    """Reject shapes and options the solver cannot handle, before any work."""
+    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
+        raise ValueError(
+            f"weight must be (out, in) and hessian (in, in); got {tuple(weight.shape)} and "
+            f"{tuple(hessian.shape)}"
+        )
+    if formulation not in ("constraint", "penalty"):
+        raise ValueError(f"formulation must be 'constraint' or 'penalty', got {formulation!r}")
+    if formulation == "penalty" and nm is not None:
+        raise ValueError("formulation='penalty' applies to unstructured sparsity only")
+
+
+# --------------------------------------------------------------------------------------------------
+# step 1: the layer problem in the column-scaled space
+
+
+class _Point(NamedTuple):
+    """An iterate with what the iteration needs of it: ``x``, ``grad = (x - V0) G``, per-row objective."""
+
+    x: Tensor
+    grad: Tensor
+    f: Tensor
+
+
+def _where(rows: Tensor, a: _Point, b: _Point) -> _Point:
+    """Row ``i`` of ``a`` where ``rows[i]``, else row ``i`` of ``b``."""
+    return _Point(
+        torch.where(rows[:, None], a.x, b.x),
+        torch.where(rows[:, None], a.grad, b.grad),
+        torch.where(rows, a.f, b.f),
+    )
+
+
+@dataclass
+class _LayerProblem:
+    """``f(V) = 1/2 tr((V - V0) G (V - V0)^T)``, ``V0 = W0 * d``, with the step size ``1/L``."""
+
+    v0: Tensor
+    d: Tensor
+    g: Tensor
+    step: float
+
+    @classmethod
+    def build(cls, w0: Tensor, h: Tensor, ridge: float, seed: int) -> _LayerProblem:
+        d, g = column_scale(h, ridge)
+        # Safe step: 1/L with L an upper estimate of lambda_max(G); the monotone safeguard also keeps the
+        # current iterate whenever both candidates are worse, so the history cannot increase even if L is
+        # underestimated.
+        return cls(v0=w0 * d, d=d, g=g, step=1.0 / (1.05 * lambda_max(g, seed=seed)))
+
+    def evaluate(self, x: Tensor) -> _Point:
+        """``x`` with its gradient and per-row objective (one matmul)."""
+        e = x - self.v0
+        eg = e @ self.g
+        return _Point(x, eg, _row_objective(e, eg))
+
+
+# --------------------------------------------------------------------------------------------------
+# the sparsity operator: the prox of step 2 and the exact final mask of step 3
+
+
+@dataclass
+class _Constraint:
+    """Constraint form: the prox is the hard-thresholding projection onto the sparsity set."""
+
+    sparsity: float
+    nm: tuple[int, int] | None
+    scope: str
+
+    @property
+    def row_separable(self) -> bool:
+        """Whether the sparsity set is a product of per-row sets (then the monotone choice is per row)."""
+        return self.nm is not None or self.scope == "row"
+
+    def prox(self, u: Tensor) -> Tensor:
+        return _keep(u, project(u, self.sparsity, self.nm, self.scope))
+
+    def penalised(self, f: Tensor, x: Tensor) -> Tensor:
+        """The per-row objective the monotone choice compares."""
+        return f
+
+    def adapt(self, x: Tensor) -> None:
+        """Update the operator after an iteration (nothing to do for the constraint)."""
+
+    def finish(self, problem: _LayerProblem, point: _Point, history: list[float]) -> tuple[Tensor, _Point]:
+        """Step 3: the exact-size mask of the final iterate (and the iterate on it).
+
+        In the constraint form ``x`` is feasible, so this keeps all its nonzeros (filling up with zeros where
+        a kept weight happens to be exactly zero) and leaves the iterate and ``history`` as they are.
+        """
+        return project(point.x, self.sparsity, self.nm, self.scope), point
+
+
+@dataclass
+class _Penalty(_Constraint):
+    """The paper's l0-penalty form ``f + lam ||x||_0``: the prox keeps ``|u| > sqrt(2 lam step)``, and
+    ``lam`` is adapted after each iteration toward the target density; a final top-k fixes the count."""
+
+    lam: float
+    step: float
+
+    @classmethod
+    def start(cls, sparsity: float, scope: str, problem: _LayerProblem) -> _Penalty:
+        """Start with the threshold that the first prox would give the target sparsity on ``V0``."""
+        v0 = problem.v0
+        thr = float(v0.abs().flatten().kthvalue(max(1, round(sparsity * v0.numel()))).values)
+        return cls(sparsity, None, scope, lam=thr * thr / (2 * problem.step), step=problem.step)
+
+    @property
+    def row_separable(self) -> bool:
+        return True  # the penalty is a sum over entries
+
+    def prox(self, u: Tensor) -> Tensor:
+        return _keep(u, u.abs() > math.sqrt(2 * self.lam * self.step))
+
+    def penalised(self, f: Tensor, x: Tensor) -> Tensor:
+        return f + self.lam * (x != 0).sum(dim=1)
+
+    def adapt(self, x: Tensor) -> None:
+        keep_target = 1.0 - self.sparsity
+        density = float((x != 0).float().mean())
+        self.lam *= math.exp(2.0 * (density - keep_target) / keep_target)
+
+    def finish(self, problem: _LayerProblem, point: _Point, history: list[float]) -> tuple[Tensor, _Point]:
+        """The penalty only approximates the count: an exact top-k fixes the mask, the iterate is cut to
+        it and its objective appended to ``history``."""
+        mask, _ = super().finish(problem, point, history)
+        point = problem.evaluate(_keep(point.x, mask))
+        history.append(_total(point.f))
+        return mask, point
+
+
+# --------------------------------------------------------------------------------------------------
+# step 2: the monotone accelerated iteration (Li & Lin 2015)
+
+
+def _accelerated_iht(
+    problem: _LayerProblem, sparse: _Constraint, x0: Tensor, iterations: int
+) -> tuple[_Point, list[float]]:
+    """Run ``iterations`` monotone accelerated steps from ``x0``; return the last iterate and the history
+    (objective at ``x0``, then the penalised objective after each step)."""
+    x = x_prev = z = problem.evaluate(x0)
+    history = [_total(x.f)]
+    t_prev, t = 0.0, 1.0
+    for _ in range(iterations):
+        x_next, z = _li_lin_step(problem, sparse, x, x_prev, z, t_prev / t, (t_prev - 1.0) / t)
+        x_prev, x = x, x_next
+        t_prev, t = t, (1.0 + math.sqrt(1.0 + 4.0 * t * t)) / 2.0
+        history.append(_total(sparse.penalised(x.f, x.x)))
+        sparse.adapt(x.x)
+    return x, history
+
+
+def _li_lin_step(
+    problem: _LayerProblem, sparse: _Constraint, x: _Point, x_prev: _Point, z: _Point, a: float, b: float
+) -> tuple[_Point, _Point]:
+    """One step of the monotone accelerated proximal gradient (Li & Lin 2015); returns ``(x, z)``.
+
+    The accelerated candidate ``z = prox(y - step grad f(y))`` starts from the extrapolation
+    ``y = x + a (z - x) + b (x - x_prev)``; the plain candidate ``v = prox(x - step grad f(x))`` is the
+    safeguard. The new ``x`` is the better of the two, or the old ``x`` if both are worse.
+    """
+    step = problem.step
+    # grad f is affine, so grad f(y) is the same combination of the known gradients: no extra matmul
+    y = x.x.mul(1.0 - a + b).add_(z.x, alpha=a).sub_(x_prev.x, alpha=b)
+    gy = x.grad.mul(1.0 - a + b).add_(z.grad, alpha=a).sub_(x_prev.grad, alpha=b)
+    z = problem.evaluate(sparse.prox(y.sub_(gy, alpha=step)))
+    v = problem.evaluate(sparse.prox(torch.add(x.x, x.grad, alpha=-step)))
+    take_z, take_v = _monotone_choice(
+        sparse.penalised(z.f, z.x),
+        sparse.penalised(v.f, v.x),
+        sparse.penalised(x.f, x.x),
+        sparse.row_separable,
+    )
+    return _where(take_z, z, _where(take_v, v, x)), z
+
+
+def _monotone_choice(fz: Tensor, fv: Tensor, fx: Tensor, per_row: bool) -> tuple[Tensor, Tensor]:
+    """Rows that move to ``z`` and rows that move to ``v``, given the per-row objectives of ``z, v, x``.
+
+    Per row when the sparsity set is row-separable; otherwise one choice for the whole matrix, which keeps
+    the layer-wide count exact.
+    """
+    if per_row:
+        take_z = fz <= fv
+        move = torch.where(take_z, fz, fv) <= fx
+    else:
+        take_z = (fz.sum() <= fv.sum()).expand_as(fx)
+        move = (torch.minimum(fz.sum(), fv.sum()) <= fx.sum()).expand_as(fx)
+    return take_z & move, ~take_z & move
+
+
+# --------------------------------------------------------------------------------------------------
+# step 4: the refit on the final support
+
+
+def _refit(problem: _LayerProblem, point: _Point, mask: Tensor, steps: int, history: list[float]) -> Tensor:
+    """Minimise f on the fixed support by conjugate gradient, all rows at once (one matmul a step).
+
+    Appends the objective after each step to ``history`` and returns the refitted ``x``.
+    """
+    x, v0, g = point.x, problem.v0, problem.g
     if steps == 0:
-        return x, fx, history
+        return x
     m = mask.to(x.dtype)
     eg = (x - v0) @ g
     r = -eg * m
     p = r.clone()
     rs = torch.linalg.vecdot(r, r, dim=1)
     tiny = torch.finfo(x.dtype).tiny
-    best_x, best_f = x, fx
+    best_x, best_f = x, point.f
     for _ in range(steps):
         pg = p @ g
         ap = pg * m
@@ -330,7 +469,7 @@ def _refit(
         best_x = torch.where(better[:, None], x, best_x)
         best_f = torch.where(better, f, best_f)
         history.append(_total(best_f))
-    return _keep(best_x, mask), best_f, history
+    return _keep(best_x, mask)
 
 
 def _total(row_objective: Tensor) -> float:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 
 import pytest
 
 from optimum_maiht import MAIHTConfig
-from optimum_maiht.configuration import CONFIG_NAME
+from optimum_maiht.configuration import _CHOICES, _INTEGERS, _REGEX_LISTS, CONFIG_NAME
 
 
 @pytest.mark.parametrize(
@@ -31,10 +32,13 @@ from optimum_maiht.configuration import CONFIG_NAME
         ({"refit_iterations": 2.5}, "refit_iterations"),
         ({"ridge": -0.1}, "ridge"),
         ({"ridge": float("nan")}, "ridge"),
+        ({"ridge": True}, "ridge"),
         ({"num_samples": 0}, "num_samples"),
         ({"sequence_length": 1}, "sequence_length"),
         ({"batch_size": 0}, "batch_size"),
         ({"seed": -1}, "seed"),
+        ({"seed": True}, "seed"),
+        ({"batch_size": None}, "batch_size"),
         ({"targets": ["(unclosed"]}, "targets"),
         ({"targets": []}, "targets"),
         ({"ignore": [3]}, "ignore"),
@@ -43,6 +47,27 @@ from optimum_maiht.configuration import CONFIG_NAME
 def test_bad_fields_raise_value_error_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         MAIHTConfig(**kwargs)
+
+
+def test_table_driven_messages():
+    with pytest.raises(ValueError, match=r"^scope must be 'row' or 'layer', got 'column'$"):
+        MAIHTConfig(scope="column")
+    with pytest.raises(ValueError, match=r"^formulation must be 'constraint' or 'penalty', got 'lasso'$"):
+        MAIHTConfig(formulation="lasso")
+    with pytest.raises(ValueError, match=r"^sequence_length must be an integer >= 2, got 1$"):
+        MAIHTConfig(sequence_length=1)
+
+
+def test_every_int_and_choice_field_is_validated():
+    """A new int (or int | None) field needs its line in the integer table, else nothing checks it."""
+    by_type = {f.name: f.type for f in fields(MAIHTConfig)}
+    assert {name for name, t in by_type.items() if t in ("int", "int | None")} == set(_INTEGERS)
+    for name, (_, none_allowed) in _INTEGERS.items():
+        assert none_allowed == by_type[name].endswith("| None"), name
+    assert set(_CHOICES) | set(_REGEX_LISTS) <= set(by_type)
+    for name, allowed in _CHOICES.items():
+        for choice in allowed:
+            assert getattr(MAIHTConfig(**{name: choice}), name) == choice
 
 
 def test_defaults_and_implied_sparsity():

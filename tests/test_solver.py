@@ -128,17 +128,23 @@ def test_dead_features_give_no_nan_and_are_pruned_first():
     assert (result.weight[:, :8] == 0).all(), "inputs that are always zero carry no signal: prune them"
 
 
-def test_penalty_formulation_reaches_exact_sparsity_and_beats_wanda():
+@pytest.mark.parametrize("scope", ["row", "layer"])
+def test_penalty_formulation_reaches_exact_sparsity_and_beats_wanda(scope):
     w, h = synthetic_layer()
-    result = maiht_prune(w, h, sparsity=0.6, formulation="penalty")
-    assert_pattern(result.weight, 0.6, None, "row")
-    assert result.error < relative_output_error(wanda_prune(w, h, 0.6), w, h)
+    result = maiht_prune(w, h, sparsity=0.6, scope=scope, formulation="penalty")
+    assert len(result.history) == 1 + 20 + 1 + 30, "the final top-k adds one entry"
+    assert_pattern(result.weight, 0.6, None, scope)
+    assert torch.equal(result.mask, result.weight != 0)
+    assert result.error < relative_output_error(wanda_prune(w, h, 0.6, scope=scope), w, h)
 
 
 def test_projection_keeps_exact_count_with_ties():
     values = torch.ones(4, 8)
-    assert int(project(values, 0.5).sum()) == 16
-    assert int(project(values, 0.5, (2, 4)).sum()) == 16
+    assert (project(values, 0.5).sum(1) == 4).all()
+    assert (project(values, 0.5, (2, 4)).reshape(4, 2, 4).sum(-1) == 2).all()
+    assert int(project(values, 0.25, scope="layer").sum()) == 24
+    with pytest.raises(ValueError, match="scope"):
+        project(values, 0.5, scope="column")
     with pytest.raises(ValueError, match="not a multiple of M=4"):
         project(torch.ones(2, 6), 0.5, (2, 4))
 
