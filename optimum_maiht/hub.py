@@ -39,17 +39,29 @@ def _chain(err: BaseException) -> list[BaseException]:
 def _failure_message(err: BaseException, stage: str, repo_id: str, endpoint: str, folder: Path) -> str:
     """A user-facing description of a failed push (the caller redacts the token from it)."""
     chain = _chain(err)
-    status = next((getattr(getattr(e, "response", None), "status_code", None) for e in chain
-                   if getattr(getattr(e, "response", None), "status_code", None) is not None), None)
-    network = any(isinstance(e, (ConnectionError, TimeoutError))
-                  or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
-                  for e in chain)
+    status = next(
+        (
+            getattr(getattr(e, "response", None), "status_code", None)
+            for e in chain
+            if getattr(getattr(e, "response", None), "status_code", None) is not None
+        ),
+        None,
+    )
+    network = any(
+        isinstance(e, (ConnectionError, TimeoutError))
+        or type(e).__module__.split(".")[0] in ("httpx", "httpx2", "httpcore", "httpcore2")
+        for e in chain
+    )
     if status == 401:
-        hint = ("the Hub rejected the credentials (HTTP 401): the token is invalid or expired; pass token=, "
-                "set HF_TOKEN or run `hf auth login` with a token that has write access")
+        hint = (
+            "the Hub rejected the credentials (HTTP 401): the token is invalid or expired; pass token=, "
+            "set HF_TOKEN or run `hf auth login` with a token that has write access"
+        )
     elif status == 403:
-        hint = (f"the token may not write to {repo_id!r} (HTTP 403): use a token with write access to the "
-                f"namespace {repo_id.split('/')[0]!r}")
+        hint = (
+            f"the token may not write to {repo_id!r} (HTTP 403): use a token with write access to the "
+            f"namespace {repo_id.split('/')[0]!r}"
+        )
     elif status == 404:
         hint = "the repository or revision was not found (HTTP 404): check repo_id and revision"
     elif status is not None and status >= 500:
@@ -61,8 +73,10 @@ def _failure_message(err: BaseException, stage: str, repo_id: str, endpoint: str
     else:
         hint = "unexpected error"
     causes = " <- ".join(f"{type(e).__name__}: {' '.join(str(e).split())}" for e in chain)
-    return (f"pushing {folder} to {repo_id!r} at {endpoint} failed while {stage}: {hint}. Details: {causes}. "
-            "The local folder was not changed.")
+    return (
+        f"pushing {folder} to {repo_id!r} at {endpoint} failed while {stage}: {hint}. Details: {causes}. "
+        "The local folder was not changed."
+    )
 
 
 def push_to_hub(
@@ -89,21 +103,27 @@ def push_to_hub(
 
     folder = Path(folder).expanduser()
     if not folder.is_dir():
-        raise FileNotFoundError(f"cannot push {folder}: no such folder; save the model first with "
-                                "pruner.save_pretrained(folder)")
+        raise FileNotFoundError(
+            f"cannot push {folder}: no such folder; save the model first with pruner.save_pretrained(folder)"
+        )
     if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"cannot push {folder}: it has no config.json, so it is not a saved model "
-                                "folder; save the model with pruner.save_pretrained(folder)")
+        raise FileNotFoundError(
+            f"cannot push {folder}: it has no config.json, so it is not a saved model "
+            "folder; save the model with pruner.save_pretrained(folder)"
+        )
     check_repo_id(repo_id)
     if not (folder / CARD_NAME).is_file():
-        logger.warning("%s has no %s: the repository will have no model card (see write_model_card)",
-                       folder, CARD_NAME)
+        logger.warning(
+            "%s has no %s: the repository will have no model card (see write_model_card)", folder, CARD_NAME
+        )
     if constants.HF_HUB_OFFLINE:
         raise HubPushError("cannot push while offline mode is on: unset the HF_HUB_OFFLINE variable")
     secret = token if token is not None else get_token()
     if not secret:
-        raise HubPushError("no Hugging Face token found: pass token=..., set the HF_TOKEN environment "
-                           "variable or run `hf auth login` (the token needs write access)")
+        raise HubPushError(
+            "no Hugging Face token found: pass token=..., set the HF_TOKEN environment "
+            "variable or run `hf auth login` (the token needs write access)"
+        )
     api = HfApi(endpoint=endpoint, token=secret)
     logger.info("pushing %s to %s at %s", folder, repo_id, api.endpoint)
     stage = "creating the repository"
@@ -122,8 +142,14 @@ def push_to_hub(
             stage = f"creating the branch {revision!r}"
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         stage = "uploading the files"
-        info = api.upload_folder(repo_id=repo_id, folder_path=folder, repo_type="model", revision=revision,
-                                 create_pr=create_pr, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE)
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=folder,
+            repo_type="model",
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+        )
     except HubPushError as err:
         raise HubPushError(_redact(str(err), secret)) from None
     except Exception as err:  # every failure becomes one clear, token-free message

@@ -31,8 +31,10 @@ def template_path() -> Path:
     for folder in (here / "model_cards", here.parent / "model_cards"):
         if (folder / TEMPLATE_NAME).is_file():
             return folder / TEMPLATE_NAME
-    raise FileNotFoundError(f"model card template {TEMPLATE_NAME} not found in {here / 'model_cards'} or "
-                            f"{here.parent / 'model_cards'}; reinstall optimum-maiht")
+    raise FileNotFoundError(
+        f"model card template {TEMPLATE_NAME} not found in {here / 'model_cards'} or "
+        f"{here.parent / 'model_cards'}; reinstall optimum-maiht"
+    )
 
 
 def _is_hub_id(value: Any) -> bool:
@@ -75,14 +77,26 @@ def _eval_results(evaluation: dict[str, Any], pattern_text: str) -> list[Any]:
 
     dataset = str(evaluation.get("dataset") or "unknown")
     dataset_type, dataset_config = _WIKITEXT if "wikitext" in dataset.lower() else (dataset, None)
-    common = dict(task_type="text-generation", task_name="Text Generation", dataset_type=dataset_type,
-                  dataset_name=dataset, dataset_config=dataset_config, dataset_split=evaluation.get("split"),
-                  metric_type="perplexity")
+    common = dict(
+        task_type="text-generation",
+        task_name="Text Generation",
+        dataset_type=dataset_type,
+        dataset_name=dataset,
+        dataset_config=dataset_config,
+        dataset_split=evaluation.get("split"),
+        metric_type="perplexity",
+    )
     return [
-        EvalResult(**common, metric_value=round(float(evaluation["perplexity_before"]), 4),
-                   metric_name="Perplexity of the dense base model (before pruning)"),
-        EvalResult(**common, metric_value=round(float(evaluation["perplexity_after"]), 4),
-                   metric_name=f"Perplexity after pruning ({pattern_text})"),
+        EvalResult(
+            **common,
+            metric_value=round(float(evaluation["perplexity_before"]), 4),
+            metric_name="Perplexity of the dense base model (before pruning)",
+        ),
+        EvalResult(
+            **common,
+            metric_value=round(float(evaluation["perplexity_after"]), 4),
+            metric_name=f"Perplexity after pruning ({pattern_text})",
+        ),
     ]
 
 
@@ -113,14 +127,16 @@ def render_model_card(
 
     if isinstance(report, dict):
         if not report.get("layers"):
-            raise ValueError("the report has no layers: prune first (pruner.prune(...)), then pass "
-                             "pruner.report")
+            raise ValueError(
+                "the report has no layers: prune first (pruner.prune(...)), then pass pruner.report"
+            )
         report = PruneReport.from_dict(report)
     if not report.layers:
         raise ValueError("the report has no layers: prune first (pruner.prune(...)), then pass pruner.report")
     if base_model is not None and not _is_hub_id(base_model):
-        raise ValueError(f"base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', "
-                         f"got {base_model!r}")
+        raise ValueError(
+            f"base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', got {base_model!r}"
+        )
     if repo_id is not None:
         check_repo_id(repo_id)
     if storage_format not in SAVE_FORMATS:
@@ -210,8 +226,12 @@ def _expert_statistics(report: PruneReport) -> dict[str, Any] | None:
         return None
     starved = [layer for layer in experts if layer.statistics != "routed"]
     tokens = [layer.tokens or 0 for layer in experts]
-    return {"matrices": len(experts), "starved": len(starved), "min_tokens": min(tokens),
-            "max_tokens": max(tokens)}
+    return {
+        "matrices": len(experts),
+        "starved": len(starved),
+        "min_tokens": min(tokens),
+        "max_tokens": max(tokens),
+    }
 
 
 def write_model_card(folder: str | os.PathLike, report: PruneReport | dict[str, Any], **kwargs: Any) -> Path:
@@ -234,5 +254,3 @@ def check_repo_id(repo_id: Any) -> None:
         validate_repo_id(repo_id)
     except HFValidationError as err:
         raise ValueError(f"repo_id {repo_id!r} is not a valid Hub repository id ({err}); {hint}") from None
-
-

@@ -102,7 +102,10 @@ class MAIHTPruner:
             logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
             calibration_dataset = DEFAULT_CALIBRATION_TEXT
         input_ids = prepare_calibration(
-            calibration_dataset, self.tokenizer, self.config.num_samples, self._sequence_length(),
+            calibration_dataset,
+            self.tokenizer,
+            self.config.num_samples,
+            self._sequence_length(),
             self.config.seed,
         )
         logger.info("calibrating on %d windows of %d tokens on %s", *input_ids.shape, self.device)
@@ -110,13 +113,14 @@ class MAIHTPruner:
         was_training = self.model.training
         self.model.eval()
         try:
-            layers, kept_dense = prune_sequential(self.model, input_ids, self.config, self.device, progress)
+            result = prune_sequential(self.model, input_ids, self.config, self.device, progress)
         finally:
             self.model.train(was_training)
         self.report = PruneReport(
             config=self.config.to_dict(),
-            layers=layers,
-            kept_dense=kept_dense,
+            layers=result.layers,
+            kept_dense=result.kept_dense,
+            block_seconds=result.block_seconds,
             base_model=getattr(getattr(self.model, "config", None), "name_or_path", None),
             calibration={
                 "source": describe_data(calibration_dataset),

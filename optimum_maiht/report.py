@@ -49,7 +49,10 @@ class LayerReport:
     tokens: int | None = None
     """Calibration tokens whose inputs built this layer's Gram matrix (for an expert: those routed to it)."""
     statistics: str | None = None
-    """For an expert: ``"routed"`` (its own tokens) or ``"all tokens"`` (too few were routed to it)."""
+    """For an expert: ``"routed"`` (its own tokens), ``"all tokens"`` (too few were routed to it) or
+    ``"none (magnitude)"`` (no token reached it and its routing could not be forced)."""
+    transposed: bool = False
+    """The weight is stored (in, out) (GPT-OSS experts); ``shape`` is still (out, in)."""
 
     @property
     def size(self) -> int:
@@ -57,8 +60,8 @@ class LayerReport:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("tokens", "statistics"):  # absent for plain linear layers, as in report version 1
-            if data[key] is None:
+        for key in ("tokens", "statistics", "transposed"):  # omitted when unset
+            if data[key] in (None, False):
                 del data[key]
         return data
 
@@ -106,6 +109,8 @@ class PruneReport:
     """``dataset``, ``split``, ``sequence_length``, ``windows``, ``perplexity_before`` / ``_after``."""
     versions: dict[str, str] = field(default_factory=dict)
     method: str = "mAIHT"
+    block_seconds: list[float] = field(default_factory=list)
+    """Wall time of each decoder block (calibration passes, solves, propagation)."""
 
     @property
     def pruned(self) -> list[LayerReport]:
@@ -150,6 +155,7 @@ class PruneReport:
             "calibration": self.calibration,
             "device": self.device,
             "seconds": self.seconds,
+            "block_seconds": self.block_seconds,
         }
         if self.evaluation is not None:
             data["evaluation"] = self.evaluation
@@ -187,6 +193,7 @@ class PruneReport:
             evaluation=data.get("evaluation"),
             versions=data.get("versions") or {},
             method=data.get("method", "mAIHT"),
+            block_seconds=data.get("block_seconds") or [],
         )
 
 

