@@ -1,4 +1,4 @@
-"""The compact sparse checkpoint format: kept values plus a packed bitmask per pruned layer.
+"""The compact sparse checkpoint format: kept values plus a packed bitmask per pruned weight.
 
 A 50% sparse model saved dense is as big as the original. Here every pruned weight ``P`` (a parameter
 name such as ``model.layers.0.mlp.up_proj.weight``) is stored as safetensors tensors that follow the
@@ -12,6 +12,16 @@ legacy compressed-tensors conventions:
   group of M consecutive input weights), ``P.bitmask`` (the positions kept in each group, packed as
   above) and ``P.shape`` (``[out, in]``), always in the (out, in) view of the linear map: a transformers
   ``Conv1D`` weight (stored as (in, out)) is transposed first and the index records ``"transposed": true``.
+
+Fused mixture-of-experts weights (transformers 5 stores the routed experts as one 3-D parameter
+``(E, a, b)``, each slice ``P[e]`` one expert's matrix) are stored as E stacked matrices, with the same
+tensors and the same index fields: ``P.shape`` has three entries and the rows of ``P.bitmask`` (and of
+``P.compressed`` and ``P.row_offsets``) run over the E * a rows of all experts in order. Unstructured:
+in the parameter's own layout (``P.shape`` = ``[E, a, b]``). N:M: along each expert's input, in the
+(out, in) view of every slice (``P.shape`` = ``[E, out, in]``); slices stored (in, out), like GPT-OSS's
+(``x @ P[e]``), are transposed first and recorded ``"transposed": true``. Such a checkpoint is written
+with ``maiht_format_version`` 2, so that an older optimum-maiht asks for an upgrade instead of calling it
+corrupted; one without 3-D weights is still written as version 1, byte for byte as before.
 
 A weight is "kept" where it is not zero (NaN is kept), so the round trip restores every value exactly;
 a negative zero (pruning by multiplying with a mask leaves ``-0.0``) comes back as ``+0.0``, equal under
@@ -28,8 +38,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,10 +51,18 @@ from torch import Tensor, nn
 from .constants import CONFIG_ANNOTATION_KEY
 from .model_utils import is_conv1d
 
+if TYPE_CHECKING:
+    from huggingface_hub.serialization import StateDictSplit
+
 logger = logging.getLogger(__name__)
 
 MAIHT_FORMAT = "maiht-compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""The newest ``maiht_format_version`` this code reads. A checkpoint is written with the lowest version
+that describes it: 1 when every compressed weight is 2-D (readable by every release), 2 when it holds
+fused expert weights (3-D)."""
+_FIRST_VERSION = 1
+_EXPERTS_VERSION = 2
 COMPRESSED_WEIGHTS_PATTERN = "model-compressed{suffix}.safetensors"
 COMPRESSED_WEIGHTS_NAME = COMPRESSED_WEIGHTS_PATTERN.format(suffix="")
 COMPRESSED_INDEX_NAME = COMPRESSED_WEIGHTS_NAME + ".index.json"
@@ -53,8 +74,10 @@ LOADER_HINT = (
 ``.safetensors`` name) with an error that quotes it, before it reads any weight."""
 
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_SUFFIXES = {"bitmask": ("compressed", "bitmask", "row_offsets", "shape"),
-             "n:m": ("compressed", "bitmask", "shape")}
+_SUFFIXES = {
+    "bitmask": ("compressed", "bitmask", "row_offsets", "shape"),
+    "n:m": ("compressed", "bitmask", "shape"),
+}
 _CORRUPTED = "the checkpoint is corrupted: save or download it again"
 
 
@@ -92,77 +115,220 @@ def _kept(weight: Tensor) -> np.ndarray:
     return (weight != 0).numpy()
 
 
-def compress_unstructured(weight: Tensor) -> dict[str, Tensor]:
-    """Bitmask encoding of a 2-D weight in its own layout (suffix -> tensor)."""
+def _as_rows(weight: Tensor) -> Tensor:
+    """A 2-D weight as it is; a 3-D stack ``(E, a, b)`` as one ``(E * a, b)`` matrix (the experts' rows in
+    order), detached, on the CPU and contiguous."""
+    if weight.dim() not in (2, 3):
+        raise ValueError(f"expected a 2-D weight or a 3-D stack of experts, got shape {tuple(weight.shape)}")
     weight = weight.detach().cpu().contiguous()
-    mask = _kept(weight)
+    return weight.reshape(-1, weight.shape[-1]) if weight.dim() == 3 else weight
+
+
+def compress_unstructured(weight: Tensor) -> dict[str, Tensor]:
+    """Bitmask encoding of a 2-D weight, or of a 3-D stack ``(E, a, b)`` as ``E * a`` rows, in its own
+    layout (suffix -> tensor); ``shape`` is the weight's whole shape."""
+    rows = _as_rows(weight)
+    mask = _kept(rows)
     counts = mask.sum(1, dtype=np.int64)
-    values = torch.from_numpy(_bits(weight)[mask]).view(weight.dtype)
-    return {"compressed": values, "bitmask": torch.from_numpy(np.packbits(mask, axis=1, bitorder="little")),
-            "row_offsets": torch.from_numpy(np.cumsum(counts) - counts),
-            "shape": torch.tensor(weight.shape, dtype=torch.int64)}
+    values = torch.from_numpy(_bits(rows)[mask]).view(rows.dtype)
+    return {
+        "compressed": values,
+        "bitmask": torch.from_numpy(np.packbits(mask, axis=1, bitorder="little")),
+        "row_offsets": torch.from_numpy(np.cumsum(counts) - counts),
+        "shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
 
 
 def compress_nm(weight: Tensor, n: int, m: int, name: str = "weight") -> dict[str, Tensor]:
-    """N:M encoding of an (out, in) weight: exactly N values per group of M and the packed positions.
+    """N:M encoding of an (out, in) weight, or of a stack of E such matrices ``(E, out, in)``: exactly N
+    values per group of M consecutive input weights and the packed positions.
 
-    A group with fewer than N nonzeros is padded with its first zeros; a group with more is an error.
+    A group with fewer than N nonzeros is padded with its first zeros; a group with more is an error that
+    names the weight (and, for a stack, the expert). The caller passes the (out, in) view: a ``Conv1D``
+    weight or (in, out) expert slices are transposed first.
     """
-    weight = weight.detach().cpu().contiguous()
-    out, inp = weight.shape
+    rows = _as_rows(weight)
+    height, inp = rows.shape
     if inp % m:
-        raise ValueError(f"{name}: input size {inp} is not a multiple of M={m}; "
-                         "declare it unstructured (None) in sparse_layers")
-    mask = _kept(weight).reshape(out, inp // m, m)
+        raise ValueError(
+            f"{name}: input size {inp} is not a multiple of M={m}; "
+            "declare it unstructured (None) in sparse_layers"
+        )
+    mask = _kept(rows).reshape(height, inp // m, m)
     counts = mask.sum(-1)
     worst = int(counts.max()) if counts.size else 0
     if worst > n:
-        raise ValueError(f"{name} is not {n}:{m} sparse: a group of {m} input weights has {worst} nonzeros; "
-                         "declare it unstructured (None) in sparse_layers or check the pruning pattern")
+        raise ValueError(_crowded_group_message(name, weight, counts, n, m, worst))
     if counts.size and int(counts.min()) < n:
         zeros = ~mask
         mask |= zeros & (np.cumsum(zeros, -1) <= (n - counts)[..., None])
-    mask = mask.reshape(out, inp)
-    values = torch.from_numpy(_bits(weight)[mask].reshape(out, inp // m * n)).view(weight.dtype)
-    return {"compressed": values, "bitmask": torch.from_numpy(np.packbits(mask, axis=1, bitorder="little")),
-            "shape": torch.tensor([out, inp], dtype=torch.int64)}
+    mask = mask.reshape(height, inp)
+    values = torch.from_numpy(_bits(rows)[mask].reshape(height, inp // m * n)).view(rows.dtype)
+    return {
+        "compressed": values,
+        "bitmask": torch.from_numpy(np.packbits(mask, axis=1, bitorder="little")),
+        "shape": torch.tensor(weight.shape, dtype=torch.int64),
+    }
+
+
+def _crowded_group_message(name: str, weight: Tensor, counts: np.ndarray, n: int, m: int, worst: int) -> str:
+    """The error for a weight with a group of M input weights holding more than N nonzeros."""
+    where = ""
+    if weight.dim() == 3:  # a stack of experts: say which one, and how (in, out) slices are declared
+        row = int(np.argmax((counts > n).any(-1)))
+        where = (
+            f" (expert {row // weight.shape[1]}; fused expert slices stored (in, out) must be named in "
+            "save_compressed's transposed)"
+        )
+    return (
+        f"{name} is not {n}:{m} sparse: a group of {m} input weights has {worst} nonzeros{where}; "
+        "declare it unstructured (None) in sparse_layers or check the pruning pattern"
+    )
 
 
 def decompress(name: str, info: dict[str, Any], tensors: dict[str, Tensor]) -> Tensor:
-    """Rebuild the dense weight ``name`` from its stored tensors, checking that they fit together."""
-    shape = tensors["shape"].tolist()
-    values, packed = tensors["compressed"], tensors["bitmask"]
-    if (len(shape) != 2 or min(shape) < 0 or packed.dtype != torch.uint8
-            or tuple(packed.shape) != (shape[0], -(-shape[1] // 8))):
-        raise CompressedCheckpointError(f"{name}: bitmask of shape {tuple(packed.shape)} does not match the "
-                                        f"weight shape {shape}; {_CORRUPTED}")
+    """Rebuild the dense weight ``name`` (2-D, or a 3-D stack of experts) from its stored tensors and its
+    index entry, checking that they fit together; :class:`CompressedCheckpointError` where they do not."""
+    shape = _stored_shape(name, tensors["shape"], tensors["bitmask"])
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    values = tensors["compressed"]
     if str(values.dtype).removeprefix("torch.") != info.get("dtype"):
-        raise CompressedCheckpointError(f"{name}: stored values are {values.dtype}, the index says "
-                                        f"{info.get('dtype')}; {_CORRUPTED}")
-    mask = _unpack(packed, shape[1])
+        raise CompressedCheckpointError(
+            f"{name}: stored values are {values.dtype}, the index says {info.get('dtype')}; {_CORRUPTED}"
+        )
+    mask = _unpack(tensors["bitmask"], cols)
     if info["encoding"] == "n:m":
-        n, m = info["n"], info["m"]
-        fits = shape[1] % m == 0 and tuple(values.shape) == (shape[0], shape[1] // m * n)
-        if not fits or not (mask.reshape(shape[0], -1, m).sum(-1) == n).all():
-            raise CompressedCheckpointError(f"{name}: the stored {n}:{m} positions or values (shape "
-                                            f"{tuple(values.shape)}) do not fit the shape {shape}; "
-                                            f"{_CORRUPTED}")
+        _check_nm_positions(name, info, values, mask, shape)
     else:
-        counts = mask.sum(1, dtype=np.int64)
-        kept = int(counts.sum())
-        starts = np.cumsum(counts) - counts
-        if values.dim() != 1 or values.numel() != kept or not np.array_equal(tensors["row_offsets"], starts):
-            raise CompressedCheckpointError(f"{name}: {values.numel()} stored values and the row offsets do "
-                                            f"not match the bitmask ({kept} kept weights); {_CORRUPTED}")
+        _check_row_offsets(name, values, mask, tensors["row_offsets"])
     bits = _bits(values)
-    dense = np.zeros(shape, dtype=bits.dtype)
+    dense = np.zeros((rows, cols), dtype=bits.dtype)
     dense[mask] = bits.reshape(-1)
-    weight = torch.from_numpy(dense).view(values.dtype)
-    return weight.t().contiguous() if info.get("transposed") else weight
+    weight = torch.from_numpy(dense).view(values.dtype).reshape(shape)
+    return weight.transpose(-1, -2).contiguous() if info.get("transposed") else weight
+
+
+def _stored_shape(name: str, shape: Tensor, packed: Tensor) -> list[int]:
+    """The weight's shape from its ``shape`` tensor (2 or 3 entries), checked against the bitmask's."""
+    dims = shape.tolist() if shape.dim() == 1 and not shape.is_floating_point() else []
+    rows = math.prod(dims[:-1]) if dims else 0
+    fits = (
+        len(dims) in (2, 3)
+        and min(dims) >= 0
+        and packed.dtype == torch.uint8
+        and tuple(packed.shape) == (rows, -(-dims[-1] // 8))
+    )
+    if not fits:
+        raise CompressedCheckpointError(
+            f"{name}: bitmask of shape {tuple(packed.shape)} does not match the weight shape "
+            f"{shape.tolist()}; {_CORRUPTED}"
+        )
+    return dims
+
+
+def _check_nm_positions(
+    name: str, info: dict[str, Any], values: Tensor, mask: np.ndarray, shape: list[int]
+) -> None:
+    """N:M: the values hold N per group of M and every group of the bitmask has exactly N bits set."""
+    n, m = info["n"], info["m"]
+    rows, cols = math.prod(shape[:-1]), shape[-1]
+    fits = cols % m == 0 and tuple(values.shape) == (rows, cols // m * n)
+    if not fits or not (mask.reshape(rows, -1, m).sum(-1) == n).all():
+        raise CompressedCheckpointError(
+            f"{name}: the stored {n}:{m} positions or values (shape {tuple(values.shape)}) do not fit the "
+            f"shape {shape}; {_CORRUPTED}"
+        )
+
+
+def _check_row_offsets(name: str, values: Tensor, mask: np.ndarray, row_offsets: Tensor) -> None:
+    """Unstructured: one stored value per set bit, and each row's offset where its values start."""
+    counts = mask.sum(1, dtype=np.int64)
+    kept = int(counts.sum())
+    starts = np.cumsum(counts) - counts
+    if values.dim() != 1 or values.numel() != kept or not np.array_equal(row_offsets, starts):
+        raise CompressedCheckpointError(
+            f"{name}: {values.numel()} stored values and the row offsets do not match the bitmask "
+            f"({kept} kept weights); {_CORRUPTED}"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
-# whole model
+# writing a whole model
+
+
+@dataclass(frozen=True)
+class _Target:
+    """How one pruned weight is encoded: its N:M pattern (``None``: unstructured) and, for N:M, whether
+    its stored layout is (in, out) and is transposed to the (out, in) view first."""
+
+    pattern: tuple[int, int] | None
+    transposed: bool = False
+
+
+def save_compressed(
+    model: nn.Module,
+    folder: str | Path,
+    sparse_layers: Mapping[str, tuple[int, int] | None],
+    max_shard_size: int | str = "5GB",
+    *,
+    transposed: Collection[str] = (),
+) -> None:
+    """Write ``model`` into ``folder`` in the compact format: weight shards + index, ``config.json`` and
+    ``generation_config.json`` (tokenizer and reports are up to the caller).
+
+    ``sparse_layers`` maps each pruned weight's parameter name to its ``(N, M)`` pattern, or ``None`` for
+    unstructured sparsity; every other tensor is stored as it is. A pruned weight is a 2-D matrix or a
+    fused expert parameter ``(E, a, b)`` (3-D), whose slices ``p[e]`` are (out, in) matrices unless the
+    parameter is named in ``transposed`` (slices stored (in, out), used as ``x @ p[e]``, e.g. GPT-OSS):
+    N:M groups then run along dimension 1 of each slice. A ``Conv1D`` weight (2-D, (in, out)) is detected
+    by itself. ``config.json`` is the model's config plus a ``transformers_weights`` entry that makes a
+    plain ``AutoModelForCausalLM`` refuse the folder with a message naming
+    :class:`optimum_maiht.MAIHTModelForCausalLM`.
+
+    Everything is checked and encoded in memory before the first file is written; ``folder`` must not
+    hold model weights already.
+    """
+    if getattr(model, "config", None) is None:
+        raise TypeError(
+            f"save_compressed needs a transformers model (with .config), got {type(model).__name__}"
+        )
+    folder = Path(folder)
+    _refuse_existing_weights(folder)
+    state_dict = _state_dict_in_memory(model)
+    aliases = _tied_aliases(model, state_dict)
+    targets = _plan_targets(model, state_dict, aliases, sparse_layers, transposed)
+    tensors, layers = _encode_state_dict(state_dict, aliases, targets)
+    version = _EXPERTS_VERSION if any(state_dict[name].dim() == 3 for name in targets) else _FIRST_VERSION
+
+    folder.mkdir(parents=True, exist_ok=True)
+    split = _write_shards(folder, tensors, max_shard_size, version)
+    _write_index(folder, split, layers, aliases, version)
+    _write_configs(model, folder)
+    logger.info(
+        "saved %d compressed layers in %d shard(s) to %s", len(layers), len(split.filename_to_tensors), folder
+    )
+
+
+def _refuse_existing_weights(folder: Path) -> None:
+    """Refuse a file, and a folder that already holds weights (shards of two saves must not mix)."""
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} exists and is not a folder; save into an empty folder")
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    clashing = sorted(name for name in names if name.startswith(("model.safetensors", "model-")))
+    if clashing:
+        raise FileExistsError(f"{folder} already holds model weights {clashing}; save into an empty folder")
+
+
+def _state_dict_in_memory(model: nn.Module) -> dict[str, Tensor]:
+    """``model.state_dict()``, refused when weights are offloaded (on the meta device: nothing to write)."""
+    state_dict = model.state_dict()
+    offloaded = [name for name, tensor in state_dict.items() if tensor.device.type == "meta"]
+    if offloaded:
+        raise ValueError(
+            f"{len(offloaded)} weights (e.g. {offloaded[0]}) are offloaded (meta device); load the whole "
+            "model into memory (no device_map offloading) before saving it compressed"
+        )
+    return state_dict
 
 
 def _tied_aliases(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, str]:
@@ -175,8 +341,14 @@ def _tied_aliases(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, 
     groups: dict[tuple, list[str]] = {}
     for name, tensor in state_dict.items():
         if tensor.numel():
-            key = (tensor.device, tensor.untyped_storage().data_ptr(), tensor.storage_offset(),
-                   tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype)
+            key = (
+                tensor.device,
+                tensor.untyped_storage().data_ptr(),
+                tensor.storage_offset(),
+                tuple(tensor.shape),
+                tuple(tensor.stride()),
+                tensor.dtype,
+            )
             groups.setdefault(key, []).append(name)
     aliases = {}
     for names in groups.values():
@@ -184,6 +356,61 @@ def _tied_aliases(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, 
             keep = ([n for n in sorted(names) if n not in declared] or sorted(names))[0]
             aliases.update({n: keep for n in names if n != keep})
     return aliases
+
+
+def _plan_targets(
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    aliases: dict[str, str],
+    sparse_layers: Mapping[str, tuple[int, int] | None],
+    transposed: Collection[str],
+) -> dict[str, _Target]:
+    """Check the caller's ``sparse_layers`` and ``transposed`` against the model and decide how each
+    pruned weight is encoded; a tied weight is stored (and planned) under the name that is kept."""
+    pending = {aliases.get(name, name): pattern for name, pattern in sparse_layers.items()}
+    unknown = sorted(set(pending) - set(state_dict))
+    if unknown:
+        raise ValueError(
+            f"sparse_layers names {unknown[:5]}, which are not parameters of the model; give weight names "
+            "such as 'model.layers.0.mlp.up_proj.weight'"
+        )
+    flipped = _check_transposed(state_dict, aliases, transposed)
+    targets = {}
+    for name, pattern in pending.items():
+        tensor = state_dict[name]
+        if tensor.dim() not in (2, 3) or not tensor.is_floating_point():
+            raise ValueError(
+                f"sparse_layers[{name!r}]: only 2-D floating point weights (and 3-D fused expert weights) "
+                f"can be compressed, got shape {tuple(tensor.shape)} and dtype {tensor.dtype}"
+            )
+        if pattern is None:
+            targets[name] = _Target(None)
+            continue
+        in_out = name in flipped if tensor.dim() == 3 else _is_conv1d_weight(model, name)
+        targets[name] = _Target(_check_pattern(name, pattern), in_out)
+    return targets
+
+
+def _check_transposed(
+    state_dict: dict[str, Tensor], aliases: dict[str, str], transposed: Collection[str]
+) -> set[str]:
+    """The kept names of the ``transposed`` parameters, each checked to be a 3-D weight of the model."""
+    if isinstance(transposed, str):
+        raise TypeError(f"transposed must be a collection of parameter names, got the string {transposed!r}")
+    flipped = {aliases.get(name, name) for name in transposed}
+    unknown = sorted(flipped - set(state_dict))
+    if unknown:
+        raise ValueError(
+            f"transposed names {unknown[:5]}, which are not parameters of the model; give fused expert "
+            "weight names such as 'model.layers.0.mlp.experts.gate_up_proj'"
+        )
+    flat = sorted(name for name in flipped if state_dict[name].dim() != 3)
+    if flat:
+        raise ValueError(
+            f"transposed names {flat[:5]}, which are not 3-D fused expert weights; only those are declared "
+            "(a Conv1D weight is recognised by itself)"
+        )
+    return flipped
 
 
 def _is_conv1d_weight(model: nn.Module, name: str) -> bool:
@@ -196,92 +423,98 @@ def _is_conv1d_weight(model: nn.Module, name: str) -> bool:
 
 
 def _check_pattern(name: str, pattern: Any) -> tuple[int, int]:
-    valid = (isinstance(pattern, (tuple, list)) and len(pattern) == 2
-             and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
-             and 0 < pattern[0] < pattern[1])
+    """``pattern`` as ``(N, M)`` integers with ``0 < N < M``, or a ``ValueError`` naming the weight."""
+    valid = (
+        isinstance(pattern, (tuple, list))
+        and len(pattern) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+        and 0 < pattern[0] < pattern[1]
+    )
     if not valid:
-        raise ValueError(f"sparse_layers[{name!r}] must be (N, M) with 0 < N < M, e.g. (2, 4), or None for "
-                         f"unstructured; got {pattern!r}")
+        raise ValueError(
+            f"sparse_layers[{name!r}] must be (N, M) with 0 < N < M, e.g. (2, 4), or None for unstructured; "
+            f"got {pattern!r}"
+        )
     return int(pattern[0]), int(pattern[1])
 
 
-def save_compressed(
-    model: nn.Module,
-    folder: str | Path,
-    sparse_layers: dict[str, tuple[int, int] | None],
-    max_shard_size: int | str = "5GB",
-) -> None:
-    """Write ``model`` into ``folder`` in the compact format: weight shards + index, ``config.json`` and
-    ``generation_config.json`` (tokenizer and reports are up to the caller).
+def _encode_state_dict(
+    state_dict: dict[str, Tensor], aliases: dict[str, str], targets: dict[str, _Target]
+) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+    """The tensors to write (in state-dict order: the shards depend on it) and the index's ``layers``.
 
-    ``sparse_layers`` maps each pruned weight's parameter name to its ``(N, M)`` pattern, or ``None`` for
-    unstructured sparsity; every other tensor is stored as it is. ``config.json`` is the model's config plus
-    a ``transformers_weights`` entry that makes a plain ``AutoModelForCausalLM`` refuse the folder with a
-    message naming :class:`optimum_maiht.MAIHTModelForCausalLM`.
+    Aliases are left out; a pruned weight becomes its encoded parts ``name.suffix``; any other tensor is
+    written as it is (a copy when it shares memory with one already written: safetensors refuses that).
     """
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    if getattr(model, "config", None) is None:
-        raise TypeError(f"save_compressed needs a transformers model (with .config), "
-                        f"got {type(model).__name__}")
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    clashing = sorted(p.name for p in folder.iterdir() if p.name.startswith(("model.safetensors", "model-")))
-    if clashing:
-        raise FileExistsError(f"{folder} already holds model weights {clashing}; save into an empty folder")
-    state_dict = model.state_dict()
-    offloaded = [name for name, tensor in state_dict.items() if tensor.device.type == "meta"]
-    if offloaded:
-        raise ValueError(f"{len(offloaded)} weights (e.g. {offloaded[0]}) are offloaded (meta device); load "
-                         "the whole model into memory (no device_map offloading) before saving it compressed")
-    aliases = _tied_aliases(model, state_dict)
-    pending: dict[str, tuple[int, int] | None] = {}
-    for name, pattern in sparse_layers.items():  # a tied weight is stored under the name that is kept
-        pending[aliases.get(name, name)] = pattern
-    unknown = sorted(set(pending) - set(state_dict))
-    if unknown:
-        raise ValueError(f"sparse_layers names {unknown[:5]}, which are not parameters of the model; give "
-                         "weight names such as 'model.layers.0.mlp.up_proj.weight'")
-
-    layers: dict[str, dict[str, Any]] = {}
     tensors: dict[str, Tensor] = {}
+    layers: dict[str, dict[str, Any]] = {}
     written: set[tuple] = set()
     for name, tensor in state_dict.items():
         if name in aliases:
             continue
-        if name not in pending:
-            storage = (tensor.device, tensor.untyped_storage().data_ptr())
-            # safetensors refuses tensors that share memory: copy views of a storage already written
-            shared = storage in written and tensor.numel() > 0
-            tensors[name] = tensor.detach().clone() if shared else tensor.detach()
-            written.add(storage)
+        if name in targets:
+            layers[name], parts = _encode_weight(name, tensor, targets[name])
+            tensors.update({f"{name}.{suffix}": part for suffix, part in parts.items()})
             continue
-        if tensor.dim() != 2 or not tensor.is_floating_point():
-            raise ValueError(f"sparse_layers[{name!r}]: only 2-D floating point weights can be compressed, "
-                             f"got shape {tuple(tensor.shape)} and dtype {tensor.dtype}")
-        if pending[name] is None:
-            parts, info = compress_unstructured(tensor), {"encoding": "bitmask"}
-        else:
-            n, m = _check_pattern(name, pending[name])
-            transposed = _is_conv1d_weight(model, name)
-            parts = compress_nm(tensor.t() if transposed else tensor, n, m, name)
-            info = {"encoding": "n:m", "n": n, "m": m, "transposed": transposed}
-        layers[name] = {**info, "dtype": str(tensor.dtype).removeprefix("torch.")}
-        tensors.update({f"{name}.{suffix}": part for suffix, part in parts.items()})
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        shared = storage in written and tensor.numel() > 0
+        tensors[name] = tensor.detach().clone() if shared else tensor.detach()
+        written.add(storage)
+    return tensors, layers
 
-    split = split_torch_state_dict_into_shards(tensors, filename_pattern=COMPRESSED_WEIGHTS_PATTERN,
-                                               max_shard_size=max_shard_size)
-    metadata = {"format": "pt", "maiht_format": MAIHT_FORMAT, "maiht_format_version": str(FORMAT_VERSION)}
+
+def _encode_weight(name: str, weight: Tensor, target: _Target) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """One pruned weight's index entry and stored tensors (suffix -> tensor)."""
+    if target.pattern is None:
+        info: dict[str, Any] = {"encoding": "bitmask"}
+        parts = compress_unstructured(weight)
+    else:
+        n, m = target.pattern
+        view = weight.transpose(-1, -2) if target.transposed else weight
+        info = {"encoding": "n:m", "n": n, "m": m, "transposed": target.transposed}
+        parts = compress_nm(view, n, m, name)
+    info["dtype"] = str(weight.dtype).removeprefix("torch.")
+    return info, parts
+
+
+def _write_shards(
+    folder: Path, tensors: dict[str, Tensor], max_shard_size: int | str, version: int
+) -> StateDictSplit:
+    """Cut the tensors into shards like transformers does and write them, tagged with the format."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(
+        tensors, filename_pattern=COMPRESSED_WEIGHTS_PATTERN, max_shard_size=max_shard_size
+    )
+    metadata = {"format": "pt", "maiht_format": MAIHT_FORMAT, "maiht_format_version": str(version)}
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n].contiguous() for n in names}, str(folder / filename), metadata=metadata)
-    index = {
-        "metadata": {**split.metadata, "maiht_format": MAIHT_FORMAT, "maiht_format_version": FORMAT_VERSION,
-                     "layers": layers, "tied": aliases},
-        "weight_map": split.tensor_to_filename,
+    return split
+
+
+def _write_index(
+    folder: Path,
+    split: StateDictSplit,
+    layers: dict[str, dict[str, Any]],
+    aliases: dict[str, str],
+    version: int,
+) -> None:
+    """The index: transformers' (``metadata.total_size``, ``weight_map``) plus the format, its version,
+    how each pruned weight is encoded (``layers``) and the tied aliases (``tied``)."""
+    metadata = {
+        **split.metadata,
+        "maiht_format": MAIHT_FORMAT,
+        "maiht_format_version": version,
+        "layers": layers,
+        "tied": aliases,
     }
+    index = {"metadata": metadata, "weight_map": split.tensor_to_filename}
     (folder / COMPRESSED_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
+
+def _write_configs(model: nn.Module, folder: Path) -> None:
+    """``config.json`` with the ``transformers_weights`` marker, and ``generation_config.json``."""
     model.config.save_pretrained(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
@@ -289,8 +522,6 @@ def save_compressed(
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
-    logger.info("saved %d compressed layers in %d shard(s) to %s", len(layers),
-                len(split.filename_to_tensors), folder)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -301,7 +532,8 @@ def is_compressed_config(config: dict[str, Any]) -> bool:
     """Whether a parsed ``config.json`` describes a compressed checkpoint."""
     annotation = config.get(CONFIG_ANNOTATION_KEY)
     return config.get("transformers_weights") == LOADER_HINT or (
-        isinstance(annotation, dict) and annotation.get("format") == "compressed")
+        isinstance(annotation, dict) and annotation.get("format") == "compressed"
+    )
 
 
 def is_compressed_folder(folder: str | Path) -> bool:
@@ -316,11 +548,14 @@ def is_compressed_folder(folder: str | Path) -> bool:
 
 
 def read_index(folder: str | Path) -> dict[str, Any]:
-    """The compressed checkpoint's index, checked for format and version."""
+    """The compressed checkpoint's index, checked for format, version and well-formed entries, so that a
+    damaged index is reported before any shard is read."""
     path = Path(folder) / COMPRESSED_INDEX_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {COMPRESSED_INDEX_NAME}: it is not a complete "
-                                "optimum-maiht compressed checkpoint; copy or download the whole folder")
+        raise FileNotFoundError(
+            f"{folder} has no {COMPRESSED_INDEX_NAME}: it is not a complete optimum-maiht compressed "
+            "checkpoint; copy or download the whole folder"
+        )
     try:
         index = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -329,13 +564,33 @@ def read_index(folder: str | Path) -> dict[str, Any]:
     if not isinstance(metadata, dict) or not isinstance(index.get("weight_map"), dict):
         raise CompressedCheckpointError(f"{path} lacks 'metadata' or 'weight_map'; {_CORRUPTED}")
     if metadata.get("maiht_format") != MAIHT_FORMAT or not isinstance(metadata.get("layers"), dict):
-        raise CompressedCheckpointError(f"{path} is not an optimum-maiht compressed index "
-                                        f"(maiht_format={metadata.get('maiht_format')!r}); {_CORRUPTED}")
+        raise CompressedCheckpointError(
+            f"{path} is not an optimum-maiht compressed index "
+            f"(maiht_format={metadata.get('maiht_format')!r}); {_CORRUPTED}"
+        )
     version = metadata.get("maiht_format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CompressedCheckpointError(f"{path} has maiht_format_version={version!r}; this optimum-maiht "
-                                        f"reads up to {FORMAT_VERSION}: pip install -U optimum-maiht")
+        raise CompressedCheckpointError(
+            f"{path} has maiht_format_version={version!r}; this optimum-maiht reads up to "
+            f"{FORMAT_VERSION}: pip install -U optimum-maiht"
+        )
+    for name, info in metadata["layers"].items():
+        _check_layer_entry(name, info)
+    tied = metadata.get("tied", {})
+    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
+        raise CompressedCheckpointError(f"{path}: 'tied' must map names to names; {_CORRUPTED}")
     return index
+
+
+def _check_layer_entry(name: str, info: Any) -> None:
+    """One ``layers`` entry of the index: a known encoding, a dtype name and, for N:M, ``0 < n < m``."""
+    if not isinstance(info, dict) or info.get("encoding") not in _SUFFIXES:
+        encoding = info.get("encoding") if isinstance(info, dict) else info
+        raise CompressedCheckpointError(f"{name}: unknown encoding {encoding!r}; {_CORRUPTED}")
+    if info["encoding"] == "n:m":
+        n, m = info.get("n"), info.get("m")
+        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
+            raise CompressedCheckpointError(f"{name}: invalid N:M pattern n={n!r}, m={m!r}; {_CORRUPTED}")
 
 
 def load_compressed_state_dict(folder: str | Path) -> dict[str, Tensor]:
@@ -344,45 +599,64 @@ def load_compressed_state_dict(folder: str | Path) -> dict[str, Tensor]:
     Tied aliases are included (the same tensor under both names), so ``model.load_state_dict(sd)`` works
     strictly.
     """
-    from safetensors import SafetensorError, safe_open
-
     folder = Path(folder)
     index = read_index(folder)
-    metadata, weight_map = index["metadata"], index["weight_map"]
+    metadata = index["metadata"]
+    stored = _read_shards(folder, index["weight_map"])
+    state_dict = _decompress_layers(metadata["layers"], stored)
+    state_dict.update(stored)  # the tensors stored as they are
+    _restore_tied(state_dict, metadata.get("tied", {}))
+    return state_dict
+
+
+def _read_shards(folder: Path, weight_map: dict[str, str]) -> dict[str, Tensor]:
+    """Every tensor the index lists, read from its shard; a missing, foreign or damaged shard, or one that
+    lacks a listed tensor, is reported with the file's name."""
+    from safetensors import SafetensorError, safe_open
+
     stored: dict[str, Tensor] = {}
     for filename in sorted(set(weight_map.values())):
         path = folder / filename
         if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing although {COMPRESSED_INDEX_NAME} lists it: the "
-                                    "compressed checkpoint is incomplete; copy or download the whole folder")
+            raise FileNotFoundError(
+                f"{path} is missing although {COMPRESSED_INDEX_NAME} lists it: the compressed checkpoint is "
+                "incomplete; copy or download the whole folder"
+            )
         expected = {n for n, f in weight_map.items() if f == filename}
         try:
             with safe_open(str(path), framework="pt") as shard:
                 if (shard.metadata() or {}).get("maiht_format") != MAIHT_FORMAT:
-                    raise CompressedCheckpointError(f"{path} is not an optimum-maiht compressed shard; "
-                                                    f"{_CORRUPTED}")
+                    raise CompressedCheckpointError(
+                        f"{path} is not an optimum-maiht compressed shard; {_CORRUPTED}"
+                    )
                 absent = sorted(expected - set(shard.keys()))
                 if absent:
-                    raise CompressedCheckpointError(f"{path} lacks tensors {absent[:5]} listed in "
-                                                    f"{COMPRESSED_INDEX_NAME}; {_CORRUPTED}")
+                    raise CompressedCheckpointError(
+                        f"{path} lacks tensors {absent[:5]} listed in {COMPRESSED_INDEX_NAME}; {_CORRUPTED}"
+                    )
                 stored.update({n: shard.get_tensor(n) for n in expected})
         except SafetensorError as err:
-            raise CompressedCheckpointError(f"{path} cannot be read ({err}): the file is damaged or "
-                                            f"truncated; {_CORRUPTED}") from None
+            raise CompressedCheckpointError(
+                f"{path} cannot be read ({err}): the file is damaged or truncated; {_CORRUPTED}"
+            ) from None
+    return stored
 
+
+def _decompress_layers(layers: dict[str, dict[str, Any]], stored: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The dense pruned weights; their parts are taken out of ``stored`` (what is left is stored dense)."""
     state_dict: dict[str, Tensor] = {}
-    for name, info in metadata["layers"].items():
-        suffixes = _SUFFIXES.get(info.get("encoding"))
-        if suffixes is None:
-            raise CompressedCheckpointError(f"{name}: unknown encoding {info.get('encoding')!r}; "
-                                            f"{_CORRUPTED}")
+    for name, info in layers.items():
+        suffixes = _SUFFIXES[info["encoding"]]
         missing = [s for s in suffixes if f"{name}.{s}" not in stored]
         if missing:
             raise CompressedCheckpointError(f"{name}: stored tensors {missing} are missing; {_CORRUPTED}")
         state_dict[name] = decompress(name, info, {s: stored.pop(f"{name}.{s}") for s in suffixes})
-    state_dict.update(stored)
-    for alias, source in metadata.get("tied", {}).items():
+    return state_dict
+
+
+def _restore_tied(state_dict: dict[str, Tensor], tied: dict[str, str]) -> None:
+    """Put each tied alias back as the same tensor as its source."""
+    for alias, source in tied.items():
         if source not in state_dict:
             raise CompressedCheckpointError(f"{alias} is tied to {source}, which is not stored; {_CORRUPTED}")
         state_dict[alias] = state_dict[source]
-    return state_dict

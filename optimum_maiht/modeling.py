@@ -21,6 +21,7 @@ from .model_utils import looks_like_local_path
 logger = logging.getLogger(__name__)
 
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+_UNSUPPORTED_KWARGS = ("gguf_file", "quantization_config", "state_dict", "subfolder")
 
 
 class MAIHTModelForCausalLM:
@@ -53,8 +54,9 @@ class MAIHTModelForCausalLM:
         if path.is_dir():
             folder: Path | None = path if is_compressed_folder(path) else None
         elif path.exists() or looks_like_local_path(source):
-            raise FileNotFoundError(f"{path} is not a model folder; give a folder with config.json or a "
-                                    "Hub repo id")
+            raise FileNotFoundError(
+                f"{path} is not a model folder; give a folder with config.json or a Hub repo id"
+            )
         else:
             folder = _download_if_compressed(source, kwargs)
         if folder is None:
@@ -87,32 +89,68 @@ def _download_if_compressed(repo_id: str, kwargs: dict[str, Any]) -> Path | None
 
 
 def _load_compressed(folder: Path, source: str, kwargs: dict[str, Any]) -> Any:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-
-    unsupported = sorted(k for k in ("state_dict", "gguf_file", "quantization_config", "subfolder")
-                         if k in kwargs)
-    if unsupported:
-        raise ValueError(f"{unsupported} cannot be used with an optimum-maiht compressed checkpoint; "
-                         "drop them")
+    """Build the model of a local compressed folder: its config, its causal-LM class and the decompressed
+    state dict, handed to transformers with the caller's remaining options (``dtype``, ``device_map``,
+    ...). ``source`` (what the caller asked for) becomes ``config.name_or_path``."""
+    _refuse_unsupported_kwargs(kwargs)
     for key in _HUB_KWARGS:  # a local folder needs no download options
         kwargs.pop(key, None)
     want_info = kwargs.pop("output_loading_info", False)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=kwargs.pop("trust_remote_code", None))
-    if "transformers_weights" in config:  # the marker that stops plain transformers; not a real file
-        delattr(config, "transformers_weights")
-    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    if model_class is None:
-        raise ValueError(f"{folder}: model_type {config.model_type!r} has no causal LM class in transformers "
-                         "(custom-code models are not supported in the compressed format)")
+    config = _compressed_config(folder, trust_remote_code=kwargs.pop("trust_remote_code", None))
+    model_class = _causal_lm_class(folder, config)
     state_dict = load_compressed_state_dict(folder)
-    model, info = model_class.from_pretrained(None, config=config, state_dict=state_dict,
-                                              output_loading_info=True, **kwargs)
-    problems = {key: sorted(info[key])[:5] for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
-                if info[key]}
-    if problems:
-        raise CompressedCheckpointError(f"{folder} does not match its config ({problems}); the checkpoint is "
-                                        "corrupted or was saved from another model: save it again")
+    model, info = model_class.from_pretrained(
+        None, config=config, state_dict=state_dict, output_loading_info=True, **kwargs
+    )
+    _check_loading_info(folder, info)
     model.config.name_or_path = source
     logger.info("loaded the compressed checkpoint %s", source)
     return (model, info) if want_info else model
+
+
+def _refuse_unsupported_kwargs(kwargs: dict[str, Any]) -> None:
+    """Options that name other weights or another layout than the compressed shards of the folder."""
+    unsupported = sorted(k for k in _UNSUPPORTED_KWARGS if k in kwargs)
+    if unsupported:
+        raise ValueError(
+            f"{unsupported} cannot be used with an optimum-maiht compressed checkpoint (its weights are "
+            "the folder's compressed shards, decompressed in memory); drop them"
+        )
+
+
+def _compressed_config(folder: Path, trust_remote_code: bool | None) -> Any:
+    """The folder's config without the ``transformers_weights`` marker (it only stops plain transformers,
+    it names no real file)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if "transformers_weights" in config:
+        delattr(config, "transformers_weights")
+    return config
+
+
+def _causal_lm_class(folder: Path, config: Any) -> type:
+    """transformers' causal-LM class for the config's model type (custom code is not supported)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    if model_class is None:
+        raise ValueError(
+            f"{folder}: model_type {config.model_type!r} has no causal LM class in transformers "
+            "(custom-code models are not supported in the compressed format)"
+        )
+    return model_class
+
+
+def _check_loading_info(folder: Path, info: dict[str, Any]) -> None:
+    """Every weight of the model came from the checkpoint and every stored one was used, shapes matching."""
+    problems = {
+        key: sorted(info[key])[:5]
+        for key in ("missing_keys", "unexpected_keys", "mismatched_keys")
+        if info[key]
+    }
+    if problems:
+        raise CompressedCheckpointError(
+            f"{folder} does not match its config ({problems}); the checkpoint is corrupted or was saved "
+            "from another model: save it again"
+        )

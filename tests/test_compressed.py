@@ -92,8 +92,9 @@ def test_tied_weights_written_once_and_tied_again(tmp_path):
 def test_dtype_and_other_options_pass_through(tmp_path):
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     save_compressed(model, tmp_path, prune(model, "2:4"))
-    loaded, info = MAIHTModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
-                                                         output_loading_info=True)
+    loaded, info = MAIHTModelForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, output_loading_info=True
+    )
     assert loaded.dtype == torch.float32 and not info["missing_keys"]
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor.float()), name
@@ -105,9 +106,15 @@ def test_compressed_folder_is_at_most_060_of_dense(tmp_path, dtype, pattern):
     import transformers
 
     # wide layers and a small vocabulary, so the dense embeddings do not dominate the folder
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=512, intermediate_size=1024,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
-                                      tie_word_embeddings=True)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype]).eval()
     layers = prune(model, pattern)
@@ -140,8 +147,9 @@ def test_lead_annotation_keeps_the_folder_loadable(tmp_path):
 
 def test_pruner_saves_compressed_and_dense(tmp_path, tokenizer):
     model = make_tiny_model("gpt2")
-    pruner = MAIHTPruner(model, MAIHTConfig(pattern="2:4", iterations=1, refit_iterations=0), tokenizer,
-                         device="cpu")
+    pruner = MAIHTPruner(
+        model, MAIHTConfig(pattern="2:4", iterations=1, refit_iterations=0), tokenizer, device="cpu"
+    )
     pruner.prune(calibration_ids(4, 32), progress=False)
     pruner.save_pretrained(tmp_path / "compressed", save_format="compressed")
     pruner.save_pretrained(tmp_path / "dense")
@@ -200,6 +208,38 @@ def saved(tmp_path):
     return tmp_path, index
 
 
+@pytest.fixture
+def saved_2of4(tmp_path):
+    """A checkpoint whose decoder blocks are magnitude-pruned to 2:4 (fast: no mAIHT)."""
+    from optimum_maiht.model_utils import find_decoder_blocks
+    from optimum_maiht.solver import magnitude_prune
+
+    model = make_tiny_model("llama")
+    blocks_name, blocks = find_decoder_blocks(model)
+    layers = {}
+    with torch.no_grad():
+        for name, module in blocks.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                module.weight.copy_(magnitude_prune(module.weight, 0.5, (2, 4)))
+                layers[f"{blocks_name}.{name}.weight"] = (2, 4)
+    save_compressed(model, tmp_path, layers)
+    return tmp_path, json.loads((tmp_path / COMPRESSED_INDEX_NAME).read_text())
+
+
+def rewrite_stored(folder: Path, index: dict, name: str, change) -> None:
+    """Apply ``change`` to the stored tensor ``name`` and write its shard back (metadata kept)."""
+    shard = folder / index["weight_map"][name]
+    with safe_open(str(shard), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(shard)
+    change(tensors[name])
+    save_file(tensors, str(shard), metadata=metadata)
+
+
+def rewrite_index(folder: Path, index: dict) -> None:
+    (folder / COMPRESSED_INDEX_NAME).write_text(json.dumps(index))
+
+
 def test_missing_index_is_named(saved):
     folder, _ = saved
     (folder / COMPRESSED_INDEX_NAME).unlink()
@@ -226,14 +266,94 @@ def test_truncated_shard_is_reported(saved):
 def test_inconsistent_bitmask_is_reported(saved):
     folder, index = saved
     name = next(n for n in index["weight_map"] if n.endswith(".bitmask"))
-    shard = folder / index["weight_map"][name]
-    with safe_open(str(shard), framework="pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(shard)
-    tensors[name][0, 0] ^= 1  # one weight more or fewer than the stored values
-    save_file(tensors, str(shard), metadata=metadata)
+
+    def flip_one_bit(mask):  # one weight more or fewer than the stored values
+        mask[0, 0] ^= 1
+
+    rewrite_stored(folder, index, name, flip_one_bit)
     with pytest.raises(CompressedCheckpointError, match="do not match the bitmask"):
         load_compressed_state_dict(folder)
+
+
+@pytest.mark.parametrize("bits", [0b0111, 0b0001])
+def test_broken_nm_positions_are_reported(saved_2of4, bits):
+    folder, index = saved_2of4
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert index["metadata"]["layers"][name]["encoding"] == "n:m"
+    # the first group of 4 of row 0 gets 3 (or 1) positions instead of 2; the other group of the byte keeps 2
+    rewrite_stored(
+        folder, index, f"{name}.bitmask", lambda mask: mask[0, :1].copy_(torch.tensor([0x30 | bits]))
+    )
+    with pytest.raises(CompressedCheckpointError, match=rf"{name}: the stored 2:4 positions .* do not fit"):
+        load_compressed_state_dict(folder)
+
+
+def test_unknown_encoding_is_reported(saved_2of4):
+    folder, index = saved_2of4
+    name = "model.layers.0.self_attn.q_proj.weight"
+    index["metadata"]["layers"][name]["encoding"] = "zstd"
+    rewrite_index(folder, index)
+    with pytest.raises(CompressedCheckpointError, match=rf"{name}: unknown encoding 'zstd'; .*corrupted"):
+        MAIHTModelForCausalLM.from_pretrained(folder)
+
+
+def test_invalid_nm_pattern_in_the_index_is_reported(saved_2of4):
+    folder, index = saved_2of4
+    index["metadata"]["layers"]["model.layers.0.self_attn.q_proj.weight"]["m"] = "4"
+    rewrite_index(folder, index)
+    with pytest.raises(CompressedCheckpointError, match=r"invalid N:M pattern n=2, m='4'"):
+        load_compressed_state_dict(folder)
+
+
+def test_dtype_mismatch_between_index_and_values_is_reported(saved_2of4):
+    folder, index = saved_2of4
+    name = "model.layers.0.mlp.gate_proj.weight"
+    index["metadata"]["layers"][name]["dtype"] = "bfloat16"
+    rewrite_index(folder, index)
+    with pytest.raises(
+        CompressedCheckpointError,
+        match=rf"{name}: stored values are torch.float32, the index "
+        "says bfloat16",
+    ):
+        load_compressed_state_dict(folder)
+
+
+def test_tied_alias_without_its_source_is_reported(saved):
+    folder, index = saved
+    index["metadata"]["tied"] = {"lm_head.weight": "model.embed_tokens.weight.missing"}
+    rewrite_index(folder, index)
+    with pytest.raises(
+        CompressedCheckpointError,
+        match=r"lm_head.weight is tied to "
+        r"model.embed_tokens.weight.missing, which is not stored",
+    ):
+        load_compressed_state_dict(folder)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("{not json", "is not valid JSON"),
+        ("", "is not valid JSON"),
+        ("[]", "lacks 'metadata' or 'weight_map'"),
+        ('{"weight_map": {}}', "lacks 'metadata' or 'weight_map'"),
+        (
+            '{"metadata": {"maiht_format": "maiht-compressed", "layers": {}}}',
+            "lacks 'metadata' or 'weight_map'",
+        ),
+        ('{"metadata": {}, "weight_map": {}}', "is not an optimum-maiht compressed index"),
+        (
+            '{"metadata": {"maiht_format": "maiht-compressed", "maiht_format_version": 1, "layers": {}, '
+            '"tied": ["x"]}, "weight_map": {}}',
+            "'tied' must map names to names",
+        ),
+    ],
+)
+def test_invalid_index_is_reported(saved, text, message):
+    folder, _ = saved
+    (folder / COMPRESSED_INDEX_NAME).write_text(text)
+    with pytest.raises(CompressedCheckpointError, match=message):
+        MAIHTModelForCausalLM.from_pretrained(folder)
 
 
 def test_newer_format_version_asks_for_an_upgrade(saved):
@@ -242,6 +362,46 @@ def test_newer_format_version_asks_for_an_upgrade(saved):
     (folder / COMPRESSED_INDEX_NAME).write_text(json.dumps(index))
     with pytest.raises(CompressedCheckpointError, match="pip install -U optimum-maiht"):
         load_compressed_state_dict(folder)
+
+
+# --------------------------------------------------------------------------------------------------
+# the loader's arguments
+
+
+def test_a_file_is_not_a_model_folder(tmp_path, monkeypatch):
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, {})
+    monkeypatch.chdir(tmp_path)  # "config.json" alone could be a Hub id: only the file tells it apart
+    paths = [
+        "config.json",
+        COMPRESSED_INDEX_NAME,
+        tmp_path / "config.json",
+        tmp_path / "nope" / "x",
+        "./nope",
+    ]
+    for path in paths:
+        with pytest.raises(FileNotFoundError, match=r"is not a model folder; give a folder with config.json"):
+            MAIHTModelForCausalLM.from_pretrained(path)
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"gguf_file": "model.gguf"},
+        {"state_dict": {}},
+        {"quantization_config": {"load_in_8bit": True}},
+        {"subfolder": "weights"},
+    ],
+)
+def test_options_that_do_not_fit_a_compressed_folder_are_refused(tmp_path, option):
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, {})
+    with pytest.raises(
+        ValueError,
+        match=rf"\['{next(iter(option))}'\] cannot be used with an optimum-maiht "
+        "compressed checkpoint",
+    ):
+        MAIHTModelForCausalLM.from_pretrained(tmp_path, **option)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -271,6 +431,15 @@ def test_nm_groups_with_fewer_nonzeros_are_padded():
     assert parts["compressed"].shape == (1, 4)
     info = {"encoding": "n:m", "n": 2, "m": 4, "dtype": "float32"}
     assert torch.equal(decompress("w", info, parts), weight)
+
+
+def test_2d_checkpoints_keep_format_version_1(saved_2of4):
+    """Without fused expert weights nothing changed: version 1, which every release reads."""
+    folder, index = saved_2of4
+    assert index["metadata"]["maiht_format_version"] == 1
+    for shard in set(index["weight_map"].values()):
+        with safe_open(str(folder / shard), framework="pt") as f:
+            assert f.metadata()["maiht_format_version"] == "1"
 
 
 def test_bad_sparse_layers_are_refused(tmp_path):

@@ -66,6 +66,34 @@ def test_conv1d_and_tied_layers_stay_dense_with_their_reason():
     assert "tied" in skipped["lm_head"]
 
 
+def test_weights_off_the_gpu_are_asked_to_move(monkeypatch):
+    """With CUDA present, a 2:4 layer still on the CPU is a 2:4 layer left dense, with the fix."""
+    model = make_tiny_model("llama", dtype=torch.float16)
+    pruned = prune_blocks_2of4(model)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    result = enable_2of4_kernels(model)
+    assert result["converted"] == [] and result["backend"] is None
+    assert all("move the model to a CUDA GPU" in result["skipped"][name] for name in pruned)
+    with pytest.raises(RuntimeError, match="14 2:4 sparse layer.*move the model to a CUDA GPU"):
+        enable_2of4_kernels(model, strict=True)
+
+
+def test_fused_experts_stay_dense_with_their_reason():
+    from test_compressed_moe import make_moe, sparsify
+
+    model = make_moe("mixtral").half()
+    experts = [name for name, p in model.named_parameters() if p.dim() == 3]
+    with torch.no_grad():
+        for name in experts:
+            sparsify(model.get_parameter(name), False, (2, 4))
+    result = enable_2of4_kernels(model)
+    assert len(experts) == 4 and result["converted"] == []
+    for name in experts:
+        assert result["skipped"][name].startswith("fused expert weight (3-D"), result["skipped"][name]
+    with pytest.raises(RuntimeError, match="no layer was converted"):  # experts are not 2:4 layers left dense
+        enable_2of4_kernels(model, strict=True)
+
+
 def test_loader_option_on_cpu_loads_dense_and_warns(tmp_path, caplog):
     from optimum_maiht.compressed import save_compressed
     from optimum_maiht.modeling import MAIHTModelForCausalLM
@@ -89,8 +117,14 @@ def test_cuda_2of4_matches_dense(tmp_path):
 
     if torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("2:4 sparse tensor cores need compute capability >= 8.0")
-    config = transformers.LlamaConfig(vocab_size=128, hidden_size=128, intermediate_size=256,
-                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float16).eval()
     pruned = prune_blocks_2of4(model)
