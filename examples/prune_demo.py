@@ -42,17 +42,15 @@ def main() -> None:
     pruner = MAIHTPruner.from_pretrained(demo_model_path(), config)
     start = time.perf_counter()
     pruner.prune("wikitext2", eval_dataset="wikitext2-test", eval_max_windows=args.eval_windows)
-    report = pruner.report.to_dict()
+    report = pruner.report
     out = pruner.save_pretrained(args.output, overwrite=args.overwrite)
-    evaluation = report["evaluation"]
-    print(
-        f"pattern {config.pattern}, sparsity {report['sparsity']:.3f} over {report['layers_pruned']} layers"
-    )
+    evaluation = report.evaluation
+    print(f"pattern {config.pattern}, sparsity {report.sparsity:.3f} over {len(report.pruned)} layers")
     print(
         f"WikiText-2 perplexity ({evaluation['windows']} x {evaluation['sequence_length']} test tokens): "
         f"{evaluation['perplexity_before']:.2f} -> {evaluation['perplexity_after']:.2f}"
     )
-    print(f"pruning {report['seconds']:.0f} s, total {time.perf_counter() - start:.0f} s; saved to {out}")
+    print(f"pruning {report.seconds:.0f} s, total {time.perf_counter() - start:.0f} s; saved to {out}")
 
 
 if __name__ == "__main__":
