@@ -1,4 +1,5 @@
-"""The compact sparse checkpoint format: kept values plus a packed bitmask per pruned weight.
+"""The compact sparse checkpoint format: kept values plus a packed bitmask per pruned weight (docs/design.md,
+"On disk").
 
 A 50% sparse model saved dense is as big as the original. Here every pruned weight ``P`` (a parameter
 name such as ``model.layers.0.mlp.up_proj.weight``) is stored as safetensors tensors that follow the

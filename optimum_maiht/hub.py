@@ -1,4 +1,4 @@
-"""Publish a saved pruned folder to the Hugging Face Hub.
+"""Publish a saved pruned folder to the Hugging Face Hub (docs/design.md, "Model card and Hub").
 
 The upload goes through ``huggingface_hub.HfApi`` and so honours ``HF_TOKEN``, the cached login and
 ``HF_ENDPOINT``; the token never appears in a file, a log line or an exception message. The folder and its

@@ -1,4 +1,5 @@
-"""The model card of a pruned model: Hub metadata plus what was done, rendered from a Jinja template.
+"""The model card of a pruned model: Hub metadata plus what was done, rendered from a Jinja template
+(docs/design.md, "Model card and Hub").
 
 The card (``README.md``) carries the Hub metadata (``base_model``, licence, tags, ``model-index`` with the
 measured perplexities) and says what the model is, how it was pruned and how to load it. It is written by

@@ -1,4 +1,5 @@
-"""Writing pruned folders: atomically, transformers-style, annotated so that anyone can load them.
+"""Writing pruned folders: atomically, transformers-style, annotated so that anyone can load them
+(docs/design.md, "On disk").
 
 A saved folder holds the weights (dense safetensors with exact zeros, or the compact format of
 :mod:`optimum_maiht.compressed`), ``config.json`` with a ``"maiht"`` summary, the tokenizer,

@@ -1,4 +1,5 @@
-"""Which weights of the decoder blocks are pruned, and why every other matrix stays dense.
+"""Which weights of the decoder blocks are pruned, and why every other matrix stays dense (docs/design.md,
+"Targets, and what stays dense").
 
 Targets are of two kinds, both found generically (no list of model names): linear layers (``nn.Linear``
 and transformers' ``Conv1D``, per-expert ``nn.Linear`` modules of older MoE code included) and fused
