@@ -7,13 +7,40 @@ from collections import defaultdict
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .constants import DEFAULT_EVAL_TEXT
 from .data import CalibrationData, calibration_text, special_prefix, token_windows, tokenize
 from .model_utils import find_decoder_blocks, linear_types
 from .report import layer_type
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The model's context in tokens (``config.max_position_embeddings``), ``None`` when it does not say."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+
+
+def check_sequence_length(model: nn.Module, sequence_length: int) -> None:
+    """Refuse windows longer than the model's context: positions past it were never trained (or do not
+    exist), so the perplexity would be meaningless or the forward pass would fail."""
+    limit = context_length(model)
+    if limit is not None and sequence_length > limit:
+        raise ValueError(
+            f"sequence_length={sequence_length} exceeds the model's context of {limit} tokens "
+            f"(max_position_embeddings); use sequence_length <= {limit}"
+        )
+
+
+def _check_counts(sequence_length: int, max_windows: int | None, batch_size: int) -> None:
+    """The window arguments' ranges, checked before any work (instead of an empty range or a 0 division)."""
+    if sequence_length < 2:
+        raise ValueError(f"sequence_length must be an integer >= 2, got {sequence_length}")
+    if max_windows is not None and max_windows < 1:
+        raise ValueError(f"max_windows must be None (every window) or an integer >= 1, got {max_windows}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size}")
 
 
 def perplexity(
@@ -29,18 +56,17 @@ def perplexity(
     """Perplexity over consecutive non-overlapping windows of ``sequence_length`` tokens.
 
     ``data`` is anything :func:`optimum_maiht.data.calibration_text` accepts (default: the bundled
-    WikiText-2 test excerpt). Each window starts with the tokenizer's special prefix (BOS), as in training.
+    WikiText-2 test excerpt); ready windows (a 2-D tensor) are used as they are. Each window starts with the
+    tokenizer's special prefix (BOS), as in training. Windows longer than the model's context are refused.
     """
+    _check_counts(sequence_length, max_windows, batch_size)
     text = calibration_text(data)
-    if isinstance(text, str):
-        if tokenizer is None:
-            raise ValueError("evaluating on text needs a tokenizer")
-        prefix = special_prefix(tokenizer)
-        windows = token_windows(tokenize(tokenizer, text), max_windows, sequence_length, prefix)
-    elif text.dim() == 2:
-        windows = text[:max_windows] if max_windows else text
+    if isinstance(text, Tensor) and text.dim() == 2:
+        check_sequence_length(model, text.shape[1])
+        windows = text if max_windows is None else text[:max_windows]
     else:
-        windows = token_windows(text, max_windows, sequence_length)
+        check_sequence_length(model, sequence_length)
+        windows = _windows(text, tokenizer, sequence_length, max_windows)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll, count = 0.0, 0
     was_training = model.training
@@ -56,6 +82,18 @@ def perplexity(
             count += ids[:, 1:].numel()
     model.train(was_training)
     return math.exp(nll / count)
+
+
+def _windows(
+    text: str | Tensor, tokenizer: Any | None, sequence_length: int, max_windows: int | None
+) -> Tensor:
+    """Evaluation windows of a text (with the tokenizer's prefix) or of a 1-D tensor of token ids."""
+    if isinstance(text, Tensor):
+        return token_windows(text, max_windows, sequence_length)
+    if tokenizer is None:
+        raise ValueError("evaluating on text needs a tokenizer")
+    prefix = special_prefix(tokenizer)
+    return token_windows(tokenize(tokenizer, text), max_windows, sequence_length, prefix)
 
 
 def sparsity_by_layer_type(model: nn.Module) -> dict[str, float]:

@@ -1,0 +1,245 @@
+"""The flags the commands share and the checks of their values, made before anything is loaded.
+
+Module level reads only the standard library, ``optimum_maiht.constants`` and (inside
+:func:`config_flags`) ``optimum_maiht.configuration``; the checks that need the API import it when called.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimum_maiht.constants import BUNDLED_ALIASES, BUNDLED_TEXTS
+
+from .errors import CLIError, about_flag
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+"""``--dtype`` choices: ``auto`` keeps the checkpoint's dtype."""
+EVAL_SEQUENCE_LENGTH = 512
+EVAL_MAX_WINDOWS = 40
+
+
+@dataclass(frozen=True)
+class ConfigFlag:
+    """How one ``MAIHTConfig`` field appears on the command line (its default comes from the dataclass)."""
+
+    type: Callable[[str], Any]
+    help: str
+    nargs: str | None = None
+    metavar: str | None = None
+    default_text: str | None = None
+
+
+CONFIG_FLAGS: dict[str, ConfigFlag] = {
+    "sparsity": ConfigFlag(
+        float,
+        "fraction of weights set to zero in every target layer, in (0, 1)",
+        default_text="0.5, or 1 - N/M for an N:M pattern",
+    ),
+    "pattern": ConfigFlag(
+        str, "'unstructured', or N:M such as 2:4 or 4:8 (keep N of every M consecutive input weights)"
+    ),
+    "scope": ConfigFlag(str, "unstructured comparison group: 'row' (per output channel) or 'layer'"),
+    "formulation": ConfigFlag(
+        str,
+        "'constraint' (projection onto the sparsity set) or 'penalty' (the paper's l0-penalty form, "
+        "unstructured only)",
+    ),
+    "iterations": ConfigFlag(int, "mAIHT iterations per layer"),
+    "refit_iterations": ConfigFlag(int, "conjugate-gradient steps refitting the kept weights on the mask"),
+    "ridge": ConfigFlag(float, "ridge added to the unit diagonal of the scaled Gram matrix"),
+    "targets": ConfigFlag(str, "regexes of the linear layers (inside decoder blocks) to prune", "+", "REGEX"),
+    "ignore": ConfigFlag(
+        str, "regexes of layers kept dense; give the flag alone to ignore nothing", "*", "REGEX"
+    ),
+    "num_samples": ConfigFlag(int, "calibration windows"),
+    "sequence_length": ConfigFlag(int, "tokens per calibration window (capped at the model's context)"),
+    "batch_size": ConfigFlag(int, "windows per forward pass (memory only; also used by --eval)"),
+    "seed": ConfigFlag(int, "seed of the calibration windows' choice and of the power iteration"),
+    "experts_per_pass": ConfigFlag(
+        int,
+        "mixture-of-experts blocks: experts whose Gram matrices are gathered in one calibration pass "
+        "(memory only)",
+        default_text="as many as fit in 2 GiB",
+    ),
+    "min_expert_tokens": ConfigFlag(
+        int,
+        "an expert routed fewer calibration tokens than this takes its statistics from every token "
+        "(0: always the routed ones)",
+    ),
+}
+"""CLI wording of the ``MAIHTConfig`` fields; a field missing here still gets a flag (see config_flags)."""
+
+
+def config_flags() -> list[tuple[str, ConfigFlag, Any]]:
+    """``(field, flag, default)`` for every ``MAIHTConfig`` field, in the dataclass's order.
+
+    Needs ``optimum_maiht.configuration`` only (standard library): cheap at optimum-cli start-up as long as
+    ``optimum_maiht/__init__.py`` imports its heavy modules lazily.
+    """
+    from dataclasses import MISSING, fields
+
+    from optimum_maiht.configuration import MAIHTConfig
+
+    result = []
+    for f in fields(MAIHTConfig):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        flag = CONFIG_FLAGS.get(f.name)
+        if flag is None:  # a field added to MAIHTConfig without CLI wording yet
+            is_list = isinstance(default, list)
+            kind = str if is_list or default is None else type(default)
+            flag = ConfigFlag(kind, f"MAIHTConfig.{f.name}", "+" if is_list else None)
+        result.append((f.name, flag, default))
+    return result
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every flag's default, unless its help already says it; keeps the examples' line breaks."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        return text if action.required or "(default:" in text else super()._get_help_string(action)
+
+
+# --- flag builders ------------------------------------------------------------------------------------
+
+
+def setup_parser(parser: argparse.ArgumentParser, description: str, epilog: str | None = None) -> None:
+    """Description, examples and the help formatter of one command."""
+    parser.formatter_class = HelpFormatter
+    parser.description = description
+    parser.epilog = epilog
+
+
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="log progress at INFO level and show the full traceback of any error",
+    )
+
+
+def add_model_loading(parser: argparse.ArgumentParser) -> None:
+    """``--device`` and ``--dtype`` (prune and eval)."""
+    parser.add_argument(
+        "--device", default="auto", help="'cpu', 'cuda' or 'cuda:N'; 'auto' is CUDA when available, else CPU"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="dtype to load the model in; 'auto' keeps the checkpoint's",
+    )
+
+
+def text_help(purpose: str) -> str:
+    """Help of a text flag: the bundled names (from ``optimum_maiht.constants``) or a file."""
+    aliases = "".join(f"; '{alias}' is short for '{name}'" for alias, name in BUNDLED_ALIASES.items())
+    names = ", ".join(f"'{name}'" for name in BUNDLED_TEXTS)
+    return f"{purpose}: a bundled WikiText-2 excerpt ({names}{aliases}) or a .txt / .jsonl / .parquet file"
+
+
+def add_evaluation_flags(parser: Any, default_dataset: str, prefix: str = "") -> None:
+    """``--{prefix}dataset``, ``--{prefix}sequence-length``, ``--{prefix}max-windows``: the evaluation
+    windows of ``eval`` (no prefix) and of ``prune --eval`` (prefix ``eval-``)."""
+    parser.add_argument(
+        f"--{prefix}dataset",
+        default=default_dataset,
+        metavar="NAME_OR_FILE",
+        help=text_help("evaluation text"),
+    )
+    parser.add_argument(
+        f"--{prefix}sequence-length", type=int, default=EVAL_SEQUENCE_LENGTH, help="tokens per window (>= 2)"
+    )
+    parser.add_argument(
+        f"--{prefix}max-windows",
+        type=int,
+        default=EVAL_MAX_WINDOWS,
+        help="windows evaluated (0: the whole text)",
+    )
+
+
+# --- checks of the values, before any loading -----------------------------------------------------------
+
+
+def require_at_least(value: int, flag: str, minimum: int, meaning: str) -> None:
+    """A one-line error naming ``flag`` and the smallest value it takes."""
+    if value < minimum:
+        raise CLIError(f"{flag} {value} is too small: give {minimum} or more ({meaning})")
+
+
+@dataclass(frozen=True)
+class EvalWindows:
+    """The checked evaluation flags."""
+
+    dataset: str
+    sequence_length: int
+    max_windows: int | None
+    """``None``: every window of the text (``--max-windows 0``)."""
+
+
+def evaluation_windows(args: argparse.Namespace, prefix: str = "") -> EvalWindows:
+    """The flags of :func:`add_evaluation_flags`, checked: a window needs 2 tokens, a count is >= 0, the
+    text is bundled or a file."""
+    dest = prefix.replace("-", "_")
+    length = getattr(args, f"{dest}sequence_length")
+    windows = getattr(args, f"{dest}max_windows")
+    require_at_least(length, f"--{prefix}sequence-length", 2, "a window predicts each token after its first")
+    require_at_least(windows, f"--{prefix}max-windows", 0, "0 evaluates every window of the text")
+    dataset = text_source(getattr(args, f"{dest}dataset"), f"--{prefix}dataset")
+    return EvalWindows(dataset, length, windows or None)
+
+
+def text_source(name: str, flag: str) -> str:
+    """The text a data flag names: a bundled name as is, else an existing file's expanded path."""
+    from optimum_maiht.data import BUNDLED_NAMES, is_bundled
+
+    if is_bundled(name):
+        return name
+    path = Path(name).expanduser()
+    if not path.is_file():
+        raise CLIError(f"{flag} {name}: no such file, and not a bundled text ({', '.join(BUNDLED_NAMES)})")
+    return str(path)
+
+
+def model_source(source: str) -> None:
+    """Fail fast, before loading anything, on a local ``--model`` folder that is missing or not a model."""
+    from optimum_maiht.model_utils import check_model_source
+
+    with about_flag("--model"):
+        check_model_source(source)
+
+
+def output_folder(output: str, overwrite: bool) -> Path:
+    """Refuse a non-empty ``--output`` before any work (saving checks again, atomically)."""
+    from optimum_maiht.serialization import check_output_folder
+
+    with about_flag("--output", {"overwrite=True": "--overwrite"}):
+        return check_output_folder(output, overwrite)
+
+
+def device_flag(name: str) -> Any:
+    """``--device`` as a ``torch.device`` (``auto``: CUDA when available)."""
+    from optimum_maiht.model_utils import resolve_device
+
+    with about_flag("--device", {"device=": "--device "}):
+        return resolve_device(name)
+
+
+def dtype_flag(name: str) -> Any:
+    """``--dtype`` as transformers' ``dtype=`` argument."""
+    import torch
+
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def context_check(model: Any, sequence_length: int, flag: str) -> None:
+    """Refuse evaluation windows longer than the model's context (the API's rule, worded with ``flag``)."""
+    from optimum_maiht.evaluation import check_sequence_length
+
+    with about_flag(flag, {"sequence_length=": f"{flag} ", "sequence_length": flag}):
+        check_sequence_length(model, sequence_length)
