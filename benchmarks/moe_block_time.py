@@ -98,7 +98,9 @@ def measured(experts_per_pass: int | None, prune_experts: bool) -> dict:
     ignore = list(MAIHTConfig().ignore) + ([] if prune_experts else [r"experts\.(gate_up|down)_proj$"])
     pruner = MAIHTPruner(
         model,
-        MAIHTConfig(experts_per_pass=experts_per_pass, ignore=ignore, min_expert_tokens=0),
+        MAIHTConfig(
+            experts_per_pass=experts_per_pass, ignore=ignore, min_expert_tokens=0, sequence_length=256
+        ),
         device="cpu",
     )
     start = time.perf_counter()
