@@ -217,7 +217,10 @@ def _kept_dense_rows(report: PruneReport) -> list[dict[str, Any]]:
     for weight in report.kept_dense:
         key = (layer_type(weight.name), weight.reason)
         groups[key] = groups.get(key, 0) + 1
-    return [{"type": kind, "count": count, "reason": reason} for (kind, reason), count in groups.items()]
+    return [
+        {"type": kind, "count": count, "reason": reason.replace("|", "\\|")}  # keep the Markdown table intact
+        for (kind, reason), count in groups.items()
+    ]
 
 
 def _expert_statistics(report: PruneReport) -> dict[str, Any] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_maiht import MAIHTConfig, MAIHTModelForCausalLM, MAIHTPruner
 from optimum_maiht.experts import ExpertGramRecorder, eager_experts, expert_groups, find_fused_experts
+from optimum_maiht.model_card import render_model_card
 from optimum_maiht.model_utils import find_decoder_blocks
 from optimum_maiht.solver import relative_output_error
 
@@ -223,3 +225,18 @@ def test_per_expert_linear_modules_are_pruned_on_their_routed_tokens(caplog):
         assert_pattern(name, modules[name].weight, config)
     rows = {row.type for row in pruner.report.sparsity_by_type()}
     assert {"mlp.experts.*.0", "mlp.experts.*.2"} <= rows
+
+
+def test_the_card_groups_experts_and_dense_matrices_by_type():
+    model = make_moe_model("qwen2_moe")
+    pruner = MAIHTPruner(model, MAIHTConfig(pattern="2:4", min_expert_tokens=0, **SMALL))
+    pruner.prune(calibration_ids(), progress=False)
+    card = str(render_model_card(pruner.report))
+    rows = [line for line in card.splitlines() if line.startswith("| `mlp.")]
+    expert_rows = [row for row in rows if "experts." in row and "[*]" in row]
+    assert len(expert_rows) == 2 and all("| 12 | 50.00% |" in row for row in expert_rows)  # 6 experts x 2
+    dense_rows = [row for row in rows if "ignored by the pattern" in row]
+    assert len(dense_rows) == 2, "router and shared-expert gate, one row per type"
+    for row in rows:  # a regex's "|" must not split the Markdown table
+        assert len(re.findall(r"(?<!\\)\|", row)) == (4 if row in dense_rows else 6), row
+    assert "every expert was pruned as its own linear problem (24 expert" in " ".join(card.split())
