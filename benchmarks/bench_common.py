@@ -53,8 +53,9 @@ def load_demo(dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Path]:
     return model, tokenizer, path
 
 
-def calibration_ids(tokenizer: Any, num_samples: int = CALIB_SAMPLES, length: int = CALIB_LENGTH,
-                    seed: int = 0) -> torch.Tensor:
+def calibration_ids(
+    tokenizer: Any, num_samples: int = CALIB_SAMPLES, length: int = CALIB_LENGTH, seed: int = 0
+) -> torch.Tensor:
     """``LongTensor[num_samples, length]``: seeded windows of WikiText-2 validation, BOS first."""
     from optimum_maiht.data import prepare_calibration
 
@@ -66,8 +67,9 @@ def test_windows(tokenizer: Any, count: int) -> torch.Tensor:
     """The first ``count`` non-overlapping ``EVAL_LENGTH``-token windows of WikiText-2 test (0 = all)."""
     from optimum_maiht.data import special_prefix, token_windows, tokenize
 
-    return token_windows(tokenize(tokenizer, wikitext2(TEST)), count or None, EVAL_LENGTH,
-                         special_prefix(tokenizer))
+    return token_windows(
+        tokenize(tokenizer, wikitext2(TEST)), count or None, EVAL_LENGTH, special_prefix(tokenizer)
+    )
 
 
 def tensor_digest(t: torch.Tensor) -> str:
@@ -85,8 +87,12 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform()}
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
@@ -102,10 +108,15 @@ def versions() -> dict[str, str]:
             pass
     try:  # the exact optimum-maiht source: commit, plus "+dirty" when the work tree has local changes
         git = ["git", "-C", str(REPO_DIR)]
-        commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no", "--", "optimum_maiht"],
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "optimum_maiht"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
         found["optimum-maiht-commit"] = commit + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         pass

@@ -94,7 +94,8 @@ def measure(source: Path, dtype_name: str, pattern: str, work: Path, repeats: in
     reference = model.state_dict()
     restored = loaded.state_dict()
     exact = restored.keys() == reference.keys() and all(
-        torch.equal(t, reference[n]) and t.dtype == reference[n].dtype for n, t in restored.items())
+        torch.equal(t, reference[n]) and t.dtype == reference[n].dtype for n, t in restored.items()
+    )
     del loaded, restored
     pruned = {n: reference[n] for n in layers}
     layer_dense = sum(t.numel() * t.element_size() for t in pruned.values())
@@ -105,17 +106,20 @@ def measure(source: Path, dtype_name: str, pattern: str, work: Path, repeats: in
         "pattern": pattern,
         "pruned_layers": len(layers),
         "sparsity_of_pruned_layers": round(zeros, 4),
-        "pruned_share_of_parameters": round(sum(t.numel() for t in pruned.values())
-                                            / sum(p.numel() for p in model.parameters()), 4),
+        "pruned_share_of_parameters": round(
+            sum(t.numel() for t in pruned.values()) / sum(p.numel() for p in model.parameters()), 4
+        ),
         "dense_folder_bytes": folder_bytes(dense_dir),
         "compressed_folder_bytes": folder_bytes(compressed_dir),
         "pruned_layers_dense_bytes": layer_dense,
         "pruned_layers_compressed_bytes": layer_compressed,
         "compressed_save_seconds": round(save_seconds, 2),
-        "dense_load_seconds": round(median_seconds(
-            lambda: AutoModelForCausalLM.from_pretrained(dense_dir), repeats), 2),
-        "compressed_load_seconds": round(median_seconds(
-            lambda: MAIHTModelForCausalLM.from_pretrained(compressed_dir), repeats), 2),
+        "dense_load_seconds": round(
+            median_seconds(lambda: AutoModelForCausalLM.from_pretrained(dense_dir), repeats), 2
+        ),
+        "compressed_load_seconds": round(
+            median_seconds(lambda: MAIHTModelForCausalLM.from_pretrained(compressed_dir), repeats), 2
+        ),
         "exact_round_trip": exact,
     }
     record["folder_ratio"] = round(record["compressed_folder_bytes"] / record["dense_folder_bytes"], 4)
@@ -150,7 +154,8 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any], repeats: int) 
             f"| {r['dtype']} | {r['pattern']} | {r['dense_folder_bytes'] / mb:.1f} | "
             f"{r['compressed_folder_bytes'] / mb:.1f} | **{r['folder_ratio']:.3f}** | "
             f"{r['pruned_layers_dense_bytes'] / mb:.1f} | {r['pruned_layers_compressed_bytes'] / mb:.1f} | "
-            f"**{r['pruned_layers_ratio']:.3f}** | {'yes' if r['exact_round_trip'] else 'NO'} |")
+            f"**{r['pruned_layers_ratio']:.3f}** | {'yes' if r['exact_round_trip'] else 'NO'} |"
+        )
     lines += [
         "",
         f"Load time (median of {repeats}, files in the page cache, CPU shared with other jobs: load "
@@ -162,8 +167,10 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any], repeats: int) 
         "|---|---|---:|---:|---:|",
     ]
     for r in records:
-        lines.append(f"| {r['dtype']} | {r['pattern']} | {r['dense_load_seconds']:.2f} | "
-                     f"{r['compressed_load_seconds']:.2f} | {r['compressed_save_seconds']:.2f} |")
+        lines.append(
+            f"| {r['dtype']} | {r['pattern']} | {r['dense_load_seconds']:.2f} | "
+            f"{r['compressed_load_seconds']:.2f} | {r['compressed_save_seconds']:.2f} |"
+        )
     share = records[0]["pruned_share_of_parameters"]
     lines += [
         "",
@@ -174,14 +181,18 @@ def markdown(records: list[dict[str, Any]], meta: dict[str, Any], repeats: int) 
         "offset per row for unstructured (+0.003 to +0.007 here). A model whose block linears hold a "
         f"larger share reaches a lower folder ratio: for Llama-2-7B ({LLAMA2_7B_PRUNED_SHARE:.1%} of the "
         "parameters) the pruned-layer ratios above give, by arithmetic (not measured), "
-        + ", ".join(f"{r['dtype']} {r['pattern']} ≈ {projected(r):.3f}" for r in records) + ".",
+        + ", ".join(f"{r['dtype']} {r['pattern']} ≈ {projected(r):.3f}" for r in records)
+        + ".",
         "",
         "GPU (2:4 kernels, `enable_2of4_kernels`): no GPU was lent to this session, so no linear-layer or "
         "generation speed figures were measured; `tests/test_kernels.py::test_cuda_2of4_matches_dense` "
         "runs where CUDA exists.",
         "",
-        "Machine: " + ", ".join(f"{k} {v}" for k, v in meta["machine"].items()) + ". Versions: "
-        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()) + ".",
+        "Machine: "
+        + ", ".join(f"{k} {v}" for k, v in meta["machine"].items())
+        + ". Versions: "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + ".",
         "",
         "Command:",
         "",
@@ -197,8 +208,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--repeats", type=int, default=3, help="load-time repetitions (median)")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "compressed_size",
-                        help="writes OUTPUT.json and OUTPUT.md")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=RESULTS_DIR / "compressed_size",
+        help="writes OUTPUT.json and OUTPUT.md",
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     from optimum_maiht.demo import DEMO_BASE_MODEL, demo_model_path
@@ -211,8 +226,14 @@ def main() -> None:
                 record = measure(source, dtype_name, pattern, Path(work), args.repeats)
             records.append(record)
             print(json.dumps(record))
-    meta = {"model": DEMO_BASE_MODEL, "sparsifier": "magnitude_prune (not mAIHT)", "machine": machine(),
-            "versions": versions(), "command": command_line(), "load_repeats": args.repeats}
+    meta = {
+        "model": DEMO_BASE_MODEL,
+        "sparsifier": "magnitude_prune (not mAIHT)",
+        "machine": machine(),
+        "versions": versions(),
+        "command": command_line(),
+        "load_repeats": args.repeats,
+    }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps({**meta, "records": records}, indent=2) + "\n")
     args.output.with_suffix(".md").write_text(markdown(records, meta, args.repeats))

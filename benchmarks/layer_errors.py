@@ -57,14 +57,18 @@ def collect_grams(
                 collector.end_batch()
             collector.remove()
             for name, layer in targets[i].items():
-                layers[name] = {"weight": weight_matrix(layer).detach().clone(), "gram": collector.gram[name],
-                                "block": i}
+                layers[name] = {
+                    "weight": weight_matrix(layer).detach().clone(),
+                    "gram": collector.gram[name],
+                    "block": i,
+                }
             hidden = outputs
     return layers
 
 
-def prune_all(weight: torch.Tensor, gram: torch.Tensor, sparsity: float,
-              nm: tuple[int, int] | None) -> dict[str, tuple[torch.Tensor, float]]:
+def prune_all(
+    weight: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
+) -> dict[str, tuple[torch.Tensor, float]]:
     """Each method's pruned weight and its seconds."""
     from optimum_maiht.solver import magnitude_prune, maiht_prune, wanda_prune
 
@@ -114,33 +118,47 @@ def render_markdown(record: dict[str, Any]) -> str:
     for s in settings:
         row += [f"{record['summary'][s][m]['geomean_error']:.3g}" for m in methods]
     lines.append("| " + " | ".join(row) + " |")
-    lines += ["", "| setting | method | geometric mean error | layers where best | seconds (all layers) |",
-              "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| setting | method | geometric mean error | layers where best | seconds (all layers) |",
+        "|---|---|---|---|---|",
+    ]
     for s in settings:
         for m in methods:
             summary = record["summary"][s][m]
-            lines.append(f"| {s} | {m} | {summary['geomean_error']:.3g} | {summary['wins']} | "
-                         f"{summary['seconds']:.1f} |")
-    lines += ["", f"Machine: {record['machine']['cpu']} ({record['machine']['cores']} cores, "
-              f"{record['machine']['torch_threads']} torch threads). Versions: "
-              + ", ".join(f"{k} {v}" for k, v in record["versions"].items()) + ".",
-              "", f"Command: `{record['command']}`", ""]
+            lines.append(
+                f"| {s} | {m} | {summary['geomean_error']:.3g} | {summary['wins']} | "
+                f"{summary['seconds']:.1f} |"
+            )
+    lines += [
+        "",
+        f"Machine: {record['machine']['cpu']} ({record['machine']['cores']} cores, "
+        f"{record['machine']['torch_threads']} torch threads). Versions: "
+        + ", ".join(f"{k} {v}" for k, v in record["versions"].items())
+        + ".",
+        "",
+        f"Command: `{record['command']}`",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--blocks", type=int, default=3, help="first N decoder blocks (default 3)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0, help="calibration window seed")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "layer_errors",
-                        help="writes OUTPUT.json and OUTPUT.md")
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS_DIR / "layer_errors", help="writes OUTPUT.json and OUTPUT.md"
+    )
     parser.add_argument("--render-only", action="store_true", help="rewrite OUTPUT.md from OUTPUT.json")
     args = parser.parse_args()
     if args.render_only:
-        args.output.with_suffix(".md").write_text(render_markdown(json.loads(args.output.with_suffix(".json")
-                                                                             .read_text())))
+        args.output.with_suffix(".md").write_text(
+            render_markdown(json.loads(args.output.with_suffix(".json").read_text()))
+        )
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
@@ -154,12 +172,18 @@ def main() -> None:
     record: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (demo model, fp32)",
         "blocks": args.blocks,
-        "calibration": {"source": "WikiText-2 validation", "num_samples": int(ids.shape[0]),
-                        "sequence_length": int(ids.shape[1]), "seed": args.seed,
-                        "sha256": tensor_digest(ids)},
+        "calibration": {
+            "source": "WikiText-2 validation",
+            "num_samples": int(ids.shape[0]),
+            "sequence_length": int(ids.shape[1]),
+            "seed": args.seed,
+            "sha256": tensor_digest(ids),
+        },
         "methods": methods,
-        "settings": {s: {"sparsity": sp, "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"}
-                     for s, (sp, nm) in SETTINGS.items()},
+        "settings": {
+            s: {"sparsity": sp, "pattern": "unstructured" if nm is None else f"{nm[0]}:{nm[1]}"}
+            for s, (sp, nm) in SETTINGS.items()
+        },
         "layers": {},
     }
     seconds: dict[str, dict[str, float]] = {s: dict.fromkeys(methods, 0.0) for s in SETTINGS}
@@ -167,8 +191,9 @@ def main() -> None:
         record["layers"][name] = {}
         for setting, (sparsity, nm) in SETTINGS.items():
             pruned = prune_all(entry["weight"], entry["gram"], sparsity, nm)
-            errors = {m: relative_output_error(w, entry["weight"], entry["gram"])
-                      for m, (w, _) in pruned.items()}
+            errors = {
+                m: relative_output_error(w, entry["weight"], entry["gram"]) for m, (w, _) in pruned.items()
+            }
             for m, (_, sec) in pruned.items():
                 seconds[setting][m] += sec
             record["layers"][name][setting] = errors
@@ -178,10 +203,16 @@ def main() -> None:
         record["summary"][setting] = {}
         for m in methods:
             errs = torch.tensor([record["layers"][n][setting][m] for n in layers], dtype=torch.float64)
-            wins = sum(1 for n in layers if record["layers"][n][setting][m]
-                       == min(record["layers"][n][setting].values()))
-            record["summary"][setting][m] = {"geomean_error": float(errs.clamp_min(1e-30).log().mean().exp()),
-                                             "wins": wins, "seconds": round(seconds[setting][m], 2)}
+            wins = sum(
+                1
+                for n in layers
+                if record["layers"][n][setting][m] == min(record["layers"][n][setting].values())
+            )
+            record["summary"][setting][m] = {
+                "geomean_error": float(errs.clamp_min(1e-30).log().mean().exp()),
+                "wins": wins,
+                "seconds": round(seconds[setting][m], 2),
+            }
     record.update(machine=machine(), versions=versions(), command=command_line())
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

@@ -36,16 +36,23 @@ from bench_common import (
 from quality import append_record, parse_setting
 
 
-def block_outlier_ratios(model: Any, layers_per_block: list[dict[str, torch.nn.Module]], ids: torch.Tensor,
-                         threshold: float, batch_size: int) -> list[float]:
+def block_outlier_ratios(
+    model: Any,
+    layers_per_block: list[dict[str, torch.nn.Module]],
+    ids: torch.Tensor,
+    threshold: float,
+    batch_size: int,
+) -> list[float]:
     """Per block: share of Wanda scores above ``threshold`` x their mean, on the dense model's inputs."""
     sq_norms: dict[str, torch.Tensor] = {}
     hooks = []
     for layers in layers_per_block:
         for name, layer in layers.items():
+
             def hook(module: torch.nn.Module, args: tuple, name: str = name) -> None:
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).double()
                 sq_norms[name] = sq_norms.get(name, 0) + x.pow(2).sum(0)
+
             hooks.append(layer.register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
@@ -58,8 +65,12 @@ def block_outlier_ratios(model: Any, layers_per_block: list[dict[str, torch.nn.M
 
     ratios = []
     for layers in layers_per_block:
-        scores = torch.cat([(weight_matrix(layer).detach().abs().double() * sq_norms[name].sqrt()).flatten()
-                            for name, layer in layers.items()])
+        scores = torch.cat(
+            [
+                (weight_matrix(layer).detach().abs().double() * sq_norms[name].sqrt()).flatten()
+                for name, layer in layers.items()
+            ]
+        )
         ratios.append(float((scores > threshold * scores.mean()).double().mean()))
     return ratios
 
@@ -83,8 +94,9 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
         raise ValueError(f"setting {setting!r}: OWL allocates unstructured sparsity only, use e.g. '70%'")
     model, tokenizer, path = load_demo()
     ids = calibration_ids(tokenizer)
-    config = MAIHTConfig(sparsity=sparsity, num_samples=ids.shape[0], sequence_length=ids.shape[1],
-                         batch_size=batch_size)
+    config = MAIHTConfig(
+        sparsity=sparsity, num_samples=ids.shape[0], sequence_length=ids.shape[1], batch_size=batch_size
+    )
     blocks_name, blocks = find_decoder_blocks(model)
     targets = sequential.find_target_layers(model, blocks_name, blocks, config)
     start = time.perf_counter()
@@ -106,21 +118,31 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     windows = test_windows(tokenizer, eval_windows)
     ppl = perplexity(model, None, windows, EVAL_LENGTH, batch_size=4)
     return {
-        "method": f"maiht[owl lambda={lam},M={threshold}]", "setting": setting, "ppl": ppl,
+        "method": f"maiht[owl lambda={lam},M={threshold}]",
+        "setting": setting,
+        "ppl": ppl,
         "sparsity_measured": round(sparsity_by_layer_type(model)["overall"], 6),
-        "block_outlier_ratios": ratios, "block_sparsities": per_block,
+        "block_outlier_ratios": ratios,
+        "block_sparsities": per_block,
         "eval": {"windows": int(windows.shape[0]), "sha256": tensor_digest(windows)},
-        "calibration": {"num_samples": int(ids.shape[0]), "sequence_length": int(ids.shape[1]),
-                        "sha256": tensor_digest(ids)},
-        "prune_seconds": round(prune_seconds, 2), "model": path.name, "machine": machine(),
-        "versions": versions(), "command": command_line(),
+        "calibration": {
+            "num_samples": int(ids.shape[0]),
+            "sequence_length": int(ids.shape[1]),
+            "sha256": tensor_digest(ids),
+        },
+        "prune_seconds": round(prune_seconds, 2),
+        "model": path.name,
+        "machine": machine(),
+        "versions": versions(),
+        "command": command_line(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--settings", default="70%,50%", help="unstructured settings, e.g. 50%%,70%%")
     parser.add_argument("--lam", type=float, default=0.08, help="OWL lambda: block sparsities span 2*lambda")
     parser.add_argument("--threshold", type=float, default=5.0, help="OWL M: outlier = score > M x mean")
@@ -132,8 +154,11 @@ def main() -> None:
     for setting in args.settings.split(","):
         record = run(setting, args.lam, args.threshold, args.eval_windows, args.batch_size)
         append_record(record, out)
-        print(f"{record['method']} {setting}: perplexity {record['ppl']:.3f}, measured sparsity "
-              f"{record['sparsity_measured']:.4f}, prune {record['prune_seconds']:.0f} s", flush=True)
+        print(
+            f"{record['method']} {setting}: perplexity {record['ppl']:.3f}, measured sparsity "
+            f"{record['sparsity_measured']:.4f}, prune {record['prune_seconds']:.0f} s",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -107,8 +107,15 @@ def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> di
     return {"scope": "layer"}
 
 
-def prune_llmc(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, method: str, sparsity: float,
-               pattern: str, batch_size: int) -> dict[str, Any]:
+def prune_llmc(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    method: str,
+    sparsity: float,
+    pattern: str,
+    batch_size: int,
+) -> dict[str, Any]:
     """llm-compressor's oneshot with our calibration windows as a pre-tokenized dataset (no shuffling)."""
     from datasets import Dataset
     from llmcompressor import oneshot
@@ -116,30 +123,55 @@ def prune_llmc(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, method
 
     modifier_cls = SparseGPTModifier if method == "sparsegpt-llmc" else WandaPruningModifier
     mask_structure = "0:0" if pattern == "unstructured" else pattern
-    modifier = modifier_cls(sparsity=sparsity, mask_structure=mask_structure, targets=["Linear"],
-                            ignore=["re:.*lm_head"])
+    modifier = modifier_cls(
+        sparsity=sparsity, mask_structure=mask_structure, targets=["Linear"], ignore=["re:.*lm_head"]
+    )
     dataset = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
-    oneshot(model=model, tokenizer=tokenizer, dataset=dataset, recipe=[modifier],
-            num_calibration_samples=ids.shape[0], max_seq_length=ids.shape[1],
-            shuffle_calibration_samples=False, batch_size=batch_size,
-            pipeline="sequential", output_dir=None)
+    oneshot(
+        model=model,
+        tokenizer=tokenizer,
+        dataset=dataset,
+        recipe=[modifier],
+        num_calibration_samples=ids.shape[0],
+        max_seq_length=ids.shape[1],
+        shuffle_calibration_samples=False,
+        batch_size=batch_size,
+        pipeline="sequential",
+        output_dir=None,
+    )
     return {"modifier": modifier.model_dump(mode="json", exclude_none=True)}
 
 
-def prune_maiht(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, sparsity: float, pattern: str,
-                batch_size: int, seed: int, options: dict[str, Any], report_dir: Path) -> dict[str, Any]:
+def prune_maiht(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    ids: torch.Tensor,
+    sparsity: float,
+    pattern: str,
+    batch_size: int,
+    seed: int,
+    options: dict[str, Any],
+    report_dir: Path,
+) -> dict[str, Any]:
     """MAIHTPruner at its defaults (plus ``options``) on the given calibration tensor."""
     from optimum_maiht import MAIHTConfig, MAIHTPruner
 
-    settings = {"sparsity": sparsity if pattern == "unstructured" else None, "pattern": pattern,
-                "num_samples": int(ids.shape[0]), "sequence_length": int(ids.shape[1]),
-                "batch_size": batch_size, "seed": seed, **options}
+    settings = {
+        "sparsity": sparsity if pattern == "unstructured" else None,
+        "pattern": pattern,
+        "num_samples": int(ids.shape[0]),
+        "sequence_length": int(ids.shape[1]),
+        "batch_size": batch_size,
+        "seed": seed,
+        **options,
+    }
     pruner = MAIHTPruner(model, MAIHTConfig(**settings), tokenizer=tokenizer, device="cpu")
     pruner.prune(ids, progress=False)
     report = pruner.report.to_dict()
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"maiht-{pattern.replace(':', 'of')}-{sparsity:g}-{int(time.time())}.json").write_text(
-        json.dumps(report, indent=1) + "\n")
+        json.dumps(report, indent=1) + "\n"
+    )
     layers = [r for r in report["layers"] if not r["skipped"]]
     errors_before = torch.tensor([r["error_before"] for r in layers], dtype=torch.float64).clamp_min(1e-30)
     errors_after = torch.tensor([r["error_after"] for r in layers], dtype=torch.float64).clamp_min(1e-30)
@@ -151,8 +183,15 @@ def prune_maiht(model: torch.nn.Module, tokenizer: Any, ids: torch.Tensor, spars
     }
 
 
-def run_one(method: str, setting: str, eval_windows: int, seed: int, batch_size: int, calib: tuple[int, int],
-            options: dict[str, Any]) -> dict[str, Any]:
+def run_one(
+    method: str,
+    setting: str,
+    eval_windows: int,
+    seed: int,
+    batch_size: int,
+    calib: tuple[int, int],
+    options: dict[str, Any],
+) -> dict[str, Any]:
     """Load the model, prune it with ``method`` at ``setting``, evaluate it: one result record."""
     from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
 
@@ -168,8 +207,17 @@ def run_one(method: str, setting: str, eval_windows: int, seed: int, batch_size:
     elif method in ("wanda-llmc", "sparsegpt-llmc"):
         details = prune_llmc(model, tokenizer, ids, method, sparsity, pattern, batch_size)
     elif method == "maiht":
-        details = prune_maiht(model, tokenizer, ids, sparsity, pattern, batch_size, seed, options,
-                              RESULTS_DIR.parent / "work" / "reports")
+        details = prune_maiht(
+            model,
+            tokenizer,
+            ids,
+            sparsity,
+            pattern,
+            batch_size,
+            seed,
+            options,
+            RESULTS_DIR.parent / "work" / "reports",
+        )
     elif method != "dense":
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     prune_seconds = time.perf_counter() - start
@@ -189,13 +237,22 @@ def run_one(method: str, setting: str, eval_windows: int, seed: int, batch_size:
         "pattern": pattern,
         "sparsity_measured": round(sparsity_by_layer_type(model)["overall"], 6),
         "ppl": ppl,
-        "eval": {"dataset": "WikiText-2 test", "sequence_length": EVAL_LENGTH,
-                 "windows": int(windows.shape[0]),
-                 "all_windows": eval_windows == 0, "tokens": int(windows.numel()),
-                 "sha256": tensor_digest(windows)},
-        "calibration": {"dataset": "WikiText-2 validation", "num_samples": int(ids.shape[0]),
-                        "sequence_length": int(ids.shape[1]), "seed": seed, "batch_size": batch_size,
-                        "sha256": tensor_digest(ids)},
+        "eval": {
+            "dataset": "WikiText-2 test",
+            "sequence_length": EVAL_LENGTH,
+            "windows": int(windows.shape[0]),
+            "all_windows": eval_windows == 0,
+            "tokens": int(windows.numel()),
+            "sha256": tensor_digest(windows),
+        },
+        "calibration": {
+            "dataset": "WikiText-2 validation",
+            "num_samples": int(ids.shape[0]),
+            "sequence_length": int(ids.shape[1]),
+            "seed": seed,
+            "batch_size": batch_size,
+            "sha256": tensor_digest(ids),
+        },
         "prune_seconds": round(prune_seconds, 2),
         "eval_seconds": round(eval_seconds, 2),
         "peak_rss_mb_prune": round(rss_prune, 1),
@@ -224,19 +281,30 @@ def append_record(record: dict[str, Any], results: Path) -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {SETTINGS}")
-    parser.add_argument("--eval-windows", type=int, default=64,
-                        help="first N 512-token windows of WikiText-2 test; 0 = the whole split")
+    parser.add_argument(
+        "--eval-windows",
+        type=int,
+        default=64,
+        help="first N 512-token windows of WikiText-2 test; 0 = the whole split",
+    )
     parser.add_argument("--seed", type=int, default=0, help="calibration window seed")
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES, help="calibration windows")
     parser.add_argument("--calib-length", type=int, default=CALIB_LENGTH, help="tokens per window")
-    parser.add_argument("--batch-size", type=int, default=8,
-                        help="calibration windows per forward pass, for every method")
-    parser.add_argument("--maiht-option", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a MAIHTConfig field for the maiht runs (repeatable)")
+    parser.add_argument(
+        "--batch-size", type=int, default=8, help="calibration windows per forward pass, for every method"
+    )
+    parser.add_argument(
+        "--maiht-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a MAIHTConfig field for the maiht runs (repeatable)",
+    )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON list the records are appended to")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
@@ -248,8 +316,14 @@ def main() -> int:
     options = parse_options(args.maiht_option)
 
     if args.worker:
-        record = run_one(*args.worker, args.eval_windows, args.seed, args.batch_size,
-                         (args.calib_samples, args.calib_length), options)
+        record = run_one(
+            *args.worker,
+            args.eval_windows,
+            args.seed,
+            args.batch_size,
+            (args.calib_samples, args.calib_length),
+            options,
+        )
         args.record.write_text(json.dumps(record) + "\n")
         return 0
 
@@ -270,10 +344,25 @@ def main() -> int:
     for method, setting in runs:
         with tempfile.TemporaryDirectory() as tmp:
             record_file = Path(tmp) / "record.json"
-            command = [sys.executable, str(Path(__file__).resolve()), "--worker", method, setting,
-                       "--eval-windows", str(args.eval_windows), "--seed", str(args.seed),
-                       "--batch-size", str(args.batch_size), "--calib-samples", str(args.calib_samples),
-                       "--calib-length", str(args.calib_length), "--record", str(record_file)]
+            command = [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--worker",
+                method,
+                setting,
+                "--eval-windows",
+                str(args.eval_windows),
+                "--seed",
+                str(args.seed),
+                "--batch-size",
+                str(args.batch_size),
+                "--calib-samples",
+                str(args.calib_samples),
+                "--calib-length",
+                str(args.calib_length),
+                "--record",
+                str(record_file),
+            ]
             if method == "maiht":
                 command += [f"--maiht-option={o}" for o in args.maiht_option]
             logger.info("run %s at %s", method, setting)
@@ -287,8 +376,14 @@ def main() -> int:
         record["command"] = driver_command
         record["wall_seconds"] = round(time.perf_counter() - start, 1)
         append_record(record, args.results)
-        logger.info("%s at %s: perplexity %.3f, prune %.1f s, peak RSS %.0f MB", record["method"], setting,
-                    record["ppl"], record["prune_seconds"], record["peak_rss_mb"])
+        logger.info(
+            "%s at %s: perplexity %.3f, prune %.1f s, peak RSS %.0f MB",
+            record["method"],
+            setting,
+            record["ppl"],
+            record["prune_seconds"],
+            record["peak_rss_mb"],
+        )
     return 1 if failures else 0
 
 

@@ -73,19 +73,29 @@ def render(records: list[dict[str, Any]]) -> str:
     ]
     for windows, runs in sorted(latest(records).items(), key=lambda kv: -kv[0]):
         any_run = next(iter(runs.values()))
-        scope = ("the whole test split" if any_run["eval"]["all_windows"]
-                 else f"the first {windows} windows of the test split (quick subset)")
+        scope = (
+            "the whole test split"
+            if any_run["eval"]["all_windows"]
+            else f"the first {windows} windows of the test split (quick subset)"
+        )
         methods = _order(list({m for m, _ in runs}), METHOD_ORDER)
         settings = _order(list({s for _, s in runs if s != "dense"}), SETTING_ORDER)
         dense = runs.get(("dense", "dense"))
         lines += [f"## Evaluation on {scope}: {windows} windows, {any_run['eval']['tokens']} tokens", ""]
         if dense is not None:
             lines += [f"Dense perplexity: **{dense['ppl']:.2f}**.", ""]
-        for field, title in (("ppl", "Perplexity"), ("prune_seconds", "Prune time (s)"),
-                             ("peak_rss_mb", "Peak resident memory (GiB)"),
-                             ("sparsity_measured", "Measured sparsity of the pruned layers (%)")):
-            lines += [f"### {title}", "", "| method | " + " | ".join(settings) + " |",
-                      "|---|" + "---|" * len(settings)]
+        for field, title in (
+            ("ppl", "Perplexity"),
+            ("prune_seconds", "Prune time (s)"),
+            ("peak_rss_mb", "Peak resident memory (GiB)"),
+            ("sparsity_measured", "Measured sparsity of the pruned layers (%)"),
+        ):
+            lines += [
+                f"### {title}",
+                "",
+                "| method | " + " | ".join(settings) + " |",
+                "|---|" + "---|" * len(settings),
+            ]
             for method in methods:
                 if method == "dense":
                     continue
@@ -100,18 +110,25 @@ def render(records: list[dict[str, Any]]) -> str:
             lines.append("")
     machines = {json.dumps(r["machine"], sort_keys=True) for r in records}
     commit_key = "optimum-maiht-commit"
-    versions = {json.dumps({k: v for k, v in r["versions"].items() if k != commit_key}, sort_keys=True)
-                for r in records}
+    versions = {
+        json.dumps({k: v for k, v in r["versions"].items() if k != commit_key}, sort_keys=True)
+        for r in records
+    }
     commits = sorted({r["versions"].get(commit_key, "?") for r in records if r["method"].startswith("maiht")})
     commands = sorted({r["command"] for r in records})
     lines += ["## Provenance", ""]
-    lines += [f"- Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, "
-              f"{m['platform']}" for m in map(json.loads, sorted(machines))]
-    lines += ["- Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(v).items())
-              for v in sorted(versions)]
+    lines += [
+        f"- Machine: {m['cpu']}, {m['cores']} cores, {m['torch_threads']} torch threads, {m['platform']}"
+        for m in map(json.loads, sorted(machines))
+    ]
+    lines += [
+        "- Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(v).items()) for v in sorted(versions)
+    ]
     if commits:
-        lines += ["- optimum-maiht source of the mAIHT runs (git commit, `+dirty` = local changes): "
-                  + ", ".join(f"`{c}`" for c in commits)]
+        lines += [
+            "- optimum-maiht source of the mAIHT runs (git commit, `+dirty` = local changes): "
+            + ", ".join(f"`{c}`" for c in commits)
+        ]
     lines += ["- Commands that produced these records:"] + [f"  - `{c}`" for c in commands]
     lines += [f"- Rendered by `{command_line()}`", ""]
     return "\n".join(lines)
@@ -141,11 +158,18 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.bar_label(bars, labels=labels, fontsize=6, rotation=90, padding=2)
     dense = runs.get(("dense", "dense"))
     if dense is not None:
-        ax.axhline(dense["ppl"], color="black", linestyle="--", linewidth=1,
-                   label=f"dense ({dense['ppl']:.2f})")
+        ax.axhline(
+            dense["ppl"], color="black", linestyle="--", linewidth=1, label=f"dense ({dense['ppl']:.2f})"
+        )
     if any(y >= PLOT_TOP for y in (r["ppl"] for r in runs.values())):
-        ax.text(0.005, 0.99, f"↑ bar cut at {PLOT_TOP:g}; the label is its value", transform=ax.transAxes,
-                fontsize=7, va="top")
+        ax.text(
+            0.005,
+            0.99,
+            f"↑ bar cut at {PLOT_TOP:g}; the label is its value",
+            transform=ax.transAxes,
+            fontsize=7,
+            va="top",
+        )
     ax.set_yscale("log")
     ax.set_ylim(top=PLOT_TOP * 2.5)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -165,11 +189,13 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--results", type=Path, default=RESULTS_DIR / "quality.json")
-    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality",
-                        help="writes OUTPUT.md and OUTPUT.png")
+    parser.add_argument(
+        "--output", type=Path, default=RESULTS_DIR / "quality", help="writes OUTPUT.md and OUTPUT.png"
+    )
     args = parser.parse_args()
     records = json.loads(args.results.read_text())
     if not records:

@@ -41,7 +41,8 @@ def main() -> None:
     )
     pruner = MAIHTPruner.from_pretrained(demo_model_path(), config)
     start = time.perf_counter()
-    pruner.prune("wikitext2", eval_dataset="wikitext2-test", eval_max_windows=args.eval_windows)
+    windows = {"eval_sequence_length": 512, "eval_max_windows": args.eval_windows}
+    pruner.prune("wikitext2", eval_dataset="wikitext2-test", **windows)
     report = pruner.report
     out = pruner.save_pretrained(args.output, overwrite=args.overwrite)
     evaluation = report.evaluation

@@ -28,10 +28,12 @@ PROVENANCE = (
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repo-id", required=True, help="Hub repository to push to, e.g. my-user/my-model")
-    parser.add_argument("--pattern", default="2:4",
-                        help="'unstructured' or N:M such as '2:4' or '4:8' (default: %(default)s)")
-    parser.add_argument("--sparsity", type=float, default=None,
-                        help="fraction of zeros (unstructured only; N:M implies it)")
+    parser.add_argument(
+        "--pattern", default="2:4", help="'unstructured' or N:M such as '2:4' or '4:8' (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--sparsity", type=float, default=None, help="fraction of zeros (unstructured only; N:M implies it)"
+    )
     for flag, default, text in (
         ("--num-samples", 32, "calibration windows"),
         ("--sequence-length", 512, "tokens per calibration window"),
@@ -42,8 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ):
         parser.add_argument(flag, type=int, default=default, help=f"{text} (default: %(default)s)")
     parser.add_argument("--device", default=None, help="'cpu', 'cuda' or 'cuda:N' (default: CUDA if present)")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help="where to save the pruned model (default: ./<repo name>)")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=None,
+        help="where to save the pruned model (default: ./<repo name>)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
@@ -60,25 +66,47 @@ def main(argv: list[str] | None = None) -> None:
     from optimum_maiht.demo import DEMO_BASE_MODEL, demo_license, demo_model_path
     from optimum_maiht.hub import push_to_hub
 
-    config = MAIHTConfig(pattern=args.pattern, sparsity=args.sparsity, num_samples=args.num_samples,
-                         sequence_length=args.sequence_length, iterations=args.iterations,
-                         refit_iterations=args.refit_iterations)
+    config = MAIHTConfig(
+        pattern=args.pattern,
+        sparsity=args.sparsity,
+        num_samples=args.num_samples,
+        sequence_length=args.sequence_length,
+        iterations=args.iterations,
+        refit_iterations=args.refit_iterations,
+    )
     pruner = MAIHTPruner.from_pretrained(demo_model_path(), config, device=args.device)
     pruner.model.config.name_or_path = DEMO_BASE_MODEL  # the report names the Hub model, not the cache folder
-    pruner.prune("wikitext2", eval_dataset="wikitext2-test", eval_sequence_length=args.eval_sequence_length,
-                 eval_max_windows=args.eval_windows)
+    pruner.prune(
+        "wikitext2",
+        eval_dataset="wikitext2-test",
+        eval_sequence_length=args.eval_sequence_length,
+        eval_max_windows=args.eval_windows,
+    )
     evaluation = pruner.report.evaluation
-    logger.info("perplexity %.3f (dense) -> %.3f (pruned)", evaluation["perplexity_before"],
-                evaluation["perplexity_after"])
+    logger.info(
+        "perplexity %.3f (dense) -> %.3f (pruned)",
+        evaluation["perplexity_before"],
+        evaluation["perplexity_after"],
+    )
     output_dir = args.output_dir or Path(args.repo_id.split("/")[-1])
-    card = {"base_model": DEMO_BASE_MODEL, "license": demo_license(), "repo_id": args.repo_id,
-            "notes": PROVENANCE}
+    card = {
+        "base_model": DEMO_BASE_MODEL,
+        "license": demo_license(),
+        "repo_id": args.repo_id,
+        "notes": PROVENANCE,
+    }
     folder = pruner.save_pretrained(output_dir, overwrite=args.overwrite, model_card=card)
     print(f"saved {folder} (model card: {folder / 'README.md'})")
     if args.no_push:
         return
-    url = push_to_hub(folder, args.repo_id, private=args.private or None, create_pr=args.create_pr,
-                      revision=args.revision, commit_message=args.commit_message)
+    url = push_to_hub(
+        folder,
+        args.repo_id,
+        private=args.private or None,
+        create_pr=args.create_pr,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
     print(f"pushed: {url}")
 
 

@@ -22,6 +22,17 @@ def context_length(model: nn.Module) -> int | None:
     return limit if isinstance(limit, int) and not isinstance(limit, bool) else None
 
 
+MAX_DEFAULT_SEQUENCE_LENGTH = 2048
+"""The papers' cap on the perplexity window (SparseGPT, Wanda: 2048 for LLaMA-1, 4096 for LLaMA-2)."""
+
+
+def default_sequence_length(model: nn.Module) -> int:
+    """The perplexity window the papers use: the model's training length (``max_position_embeddings``)
+    capped at :data:`MAX_DEFAULT_SEQUENCE_LENGTH`; 2048 when the model does not say."""
+    limit = context_length(model)
+    return min(limit, MAX_DEFAULT_SEQUENCE_LENGTH) if limit else MAX_DEFAULT_SEQUENCE_LENGTH
+
+
 def check_sequence_length(model: nn.Module, sequence_length: int) -> None:
     """Refuse windows longer than the model's context: positions past it were never trained (or do not
     exist), so the perplexity would be meaningless or the forward pass would fail."""
@@ -47,7 +58,7 @@ def perplexity(
     model: nn.Module,
     tokenizer: Any | None,
     data: CalibrationData = DEFAULT_EVAL_TEXT,
-    sequence_length: int = 512,
+    sequence_length: int | None = None,
     max_windows: int | None = None,
     batch_size: int = 4,
     device: str | torch.device | None = None,
@@ -56,9 +67,16 @@ def perplexity(
     """Perplexity over consecutive non-overlapping windows of ``sequence_length`` tokens.
 
     ``data`` is anything :func:`optimum_maiht.data.calibration_text` accepts (default: the bundled
-    WikiText-2 test excerpt); ready windows (a 2-D tensor) are used as they are. Each window starts with the
-    tokenizer's special prefix (BOS), as in training. Windows longer than the model's context are refused.
+    WikiText-2 test excerpt); ready windows (a 2-D tensor) are used as they are. ``sequence_length=None``
+    takes :func:`default_sequence_length` (the model's training length capped at 2048, as the papers do);
+    ``max_windows=None`` scores the whole text. Each window starts with the tokenizer's special prefix
+    (BOS), as in training. Windows longer than the model's context are refused.
+
+    This is token-level perplexity over fixed windows. lm-eval's ``wikitext`` task measures word- and
+    byte-level rolling perplexity over whole documents: a different number, not comparable with this one.
     """
+    if sequence_length is None:
+        sequence_length = default_sequence_length(model)
     _check_counts(sequence_length, max_windows, batch_size)
     text = calibration_text(data)
     if isinstance(text, Tensor) and text.dim() == 2:

@@ -2,8 +2,8 @@
 (docs/design.md, "Model card and Hub").
 
 The card (``README.md``) carries the Hub metadata (``base_model``, licence, tags, ``model-index`` with the
-measured perplexities) and says what the model is, how it was pruned and how to load it. It is written by
-:func:`optimum_maiht.serialization.save_pruned` into every saved folder.
+measured perplexities and lm-eval task scores) and says what the model is, how it was pruned and how to
+load it. It is written by :func:`optimum_maiht.serialization.save_pruned` into every saved folder.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .constants import CARD_NAME, SAVE_FORMATS
 from .model_utils import looks_like_local_path
-from .report import PruneReport, layer_type
+from .report import PruneReport, ZeroShotResults, layer_type
 
 if TYPE_CHECKING:
     from huggingface_hub import ModelCard
@@ -101,6 +101,73 @@ def _eval_results(evaluation: dict[str, Any], pattern_text: str) -> list[Any]:
     ]
 
 
+_LOCAL_BUILDERS = frozenset({"json", "csv", "parquet", "text", "arrow", "pandas"})
+"""``dataset_path`` values of lm-eval tasks that read local files (no Hub dataset to link)."""
+
+
+def _zero_shot_results(zero_shot: dict[str, ZeroShotResults] | None, pattern_text: str) -> list[Any]:
+    """One model-index entry per (task, metric) of the lm-eval tasks asked for (a group by its aggregate,
+    its subtasks stay in ``maiht_report.json``), after pruning and, when measured, before."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    for when, label in (("before", "of the dense base model (before pruning)"), ("after", "after pruning")):
+        run = (zero_shot or {}).get(when)
+        if run is None:
+            continue
+        limit = f", {_limit_text(run.limit)}" if run.limit is not None else ""
+        for score in (s for s in run.scores if s.subtask_of is None):
+            hub_dataset = score.dataset and score.dataset not in _LOCAL_BUILDERS and _is_hub_id(score.dataset)
+            shots = f"{score.num_fewshot}-shot" if score.num_fewshot is not None else "default shots"
+            context = f"{pattern_text}; " if when == "after" else ""
+            how = f"{context}{shots}{limit}, lm-eval {run.lm_eval_version}"
+            args = {"num_few_shot": score.num_fewshot} if score.num_fewshot is not None else None
+            results.append(
+                EvalResult(
+                    task_type="text-generation",
+                    task_name="Text Generation",
+                    dataset_type=score.dataset if hub_dataset else score.task,
+                    dataset_name=score.task,
+                    dataset_config=score.dataset_config if hub_dataset else None,
+                    dataset_split=score.split,
+                    dataset_args=args,
+                    metric_type=score.metric,
+                    metric_value=round(score.value, 4),
+                    metric_name=f"{score.metric} {label} ({how})",
+                )
+            )
+    return results
+
+
+def _limit_text(limit: int | float) -> str:
+    return f"first {limit} documents per task" if isinstance(limit, int) else f"{limit:.0%} of each task"
+
+
+def _zero_shot_table(zero_shot: dict[str, ZeroShotResults] | None) -> dict[str, Any] | None:
+    """The card's zero-shot table: per (task, metric) the dense and the pruned value, and the mean."""
+    if not zero_shot or zero_shot.get("after") is None:
+        return None
+    after, before = zero_shot["after"], zero_shot.get("before")
+    rows = []
+    for score in (s for s in after.scores if s.subtask_of is None):
+        dense = before.score(score.task, score.metric) if before is not None else None
+        rows.append({"task": score.task, "metric": score.metric, "before": dense, "after": score})
+    mean_before = before.mean(after.mean_metric) if before is not None else None
+    return {
+        "rows": rows,
+        "version": after.lm_eval_version,
+        "num_fewshot": after.num_fewshot,
+        "shots": sorted({s.num_fewshot for s in after.scores if s.num_fewshot is not None}),
+        "limit": _limit_text(after.limit) if after.limit is not None else None,
+        "mean": {
+            "metric": after.mean_metric,
+            "tasks": len(after.mean_tasks()),
+            "before": mean_before,
+            "after": after.mean(),
+        },
+    }
+
+
 def render_model_card(
     report: PruneReport | dict[str, Any],
     *,
@@ -114,7 +181,8 @@ def render_model_card(
 
     Args:
         report: ``pruner.report`` or the saved ``maiht_report.json`` (as a dict); an ``evaluation`` with
-            ``perplexity_before`` / ``perplexity_after`` adds the results.
+            ``perplexity_before`` / ``perplexity_after`` adds the results, and ``zero_shot`` (lm-eval tasks
+            before / after) adds a table with the mean and one model-index entry per task and metric.
         base_model: Hub id of the model that was pruned; default: the report's ``base_model`` when it is a
             Hub id (a local path is not, and is left out of the metadata).
         license: licence of the base model (e.g. ``"apache-2.0"``), carried over; left out when unknown,
@@ -163,6 +231,7 @@ def render_model_card(
         device=report.device,
         seconds=report.seconds,
         evaluation=evaluation,
+        zero_shot=_zero_shot_table(report.zero_shot),
         versions=report.versions,
         model_ref=repo_id or "path/to/this/model",
         storage_format=storage_format,
@@ -207,7 +276,11 @@ def _card_data(
         tags=["pruned", "sparse", "mAIHT", "optimum", pattern[1]],
         datasets=[_WIKITEXT[0]] if "wikitext" in source else None,
         model_name=title,
-        eval_results=_eval_results(evaluation, pattern[0]) if evaluation else None,
+        eval_results=(
+            (_eval_results(evaluation, pattern[0]) if evaluation else [])
+            + _zero_shot_results(report.zero_shot, pattern[0])
+        )
+        or None,
     )
 
 

@@ -4,18 +4,21 @@ and hands the result to the serialization layer (saving) and the Hub layer (publ
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .configuration import MAIHTConfig
 from .constants import DEFAULT_CALIBRATION_TEXT
 from .data import CalibrationData, describe_data, prepare_calibration, split_of
+from .distributed import Parallel, current, is_main_process, local_device
 from .model_utils import check_model_source, resolve_device
 from .report import LayerReport, PruneReport, library_versions
 from .sequential import prune_sequential
@@ -45,7 +48,8 @@ class MAIHTPruner:
         if not isinstance(self.config, MAIHTConfig):
             raise TypeError(f"config must be a MAIHTConfig, got {type(self.config).__name__}")
         self.tokenizer = tokenizer
-        self.device = resolve_device(device)
+        self.device = local_device(resolve_device(device))
+        """The compute device; under ``torchrun`` a bare ``"cuda"`` means ``cuda:LOCAL_RANK``."""
         self.report: PruneReport | None = None
         """The report of the last :meth:`prune` (``None`` before it)."""
 
@@ -83,8 +87,10 @@ class MAIHTPruner:
         calibration_dataset: CalibrationData | None = None,
         *,
         eval_dataset: CalibrationData | None = None,
-        eval_sequence_length: int = 512,
-        eval_max_windows: int | None = 40,
+        eval_sequence_length: int | None = None,
+        eval_max_windows: int | None = None,
+        eval_tasks: str | Sequence[str] | None = None,
+        eval_task_options: dict[str, Any] | None = None,
         progress: bool = True,
     ) -> nn.Module:
         """Prune the model in place and return it; the results are in :attr:`report`.
@@ -93,27 +99,91 @@ class MAIHTPruner:
         ``LongTensor[n, seq]`` (used as given), a path to a .txt / .jsonl / .parquet file, or the name of a
         bundled text; ``None`` uses the bundled WikiText-2 validation excerpt.
         ``eval_dataset`` (same kinds, e.g. ``"wikitext2-test"``): measure perplexity before and after over
-        ``eval_max_windows`` windows of ``eval_sequence_length`` tokens (``None``: all), into the report.
+        ``eval_max_windows`` windows (``None``: the whole text) of ``eval_sequence_length`` tokens (``None``:
+        the model's training length capped at 2048, as the papers do), into the report.
+        ``eval_tasks`` (e.g. ``optimum_maiht.zeroshot.STANDARD_TASKS``): lm-evaluation-harness tasks scored
+        before and after (:func:`optimum_maiht.zeroshot.evaluate_tasks`, needs the ``eval`` extra), into
+        ``report.zero_shot``; ``eval_task_options``: its ``num_fewshot``, ``limit``, ``include_path``,
+        ``batch_size`` (default: the config's). A bad task fails before any pruning.
+
+        Under ``torchrun`` with several processes (docs/design.md, "Several processes"), every process calls
+        this with the same arguments: rank 0 reads the data and shares the windows, each rank calibrates
+        and evaluates its share of them, the statistics are summed and the solves spread over the ranks;
+        every rank returns the same pruned model and report. A failure on one rank is raised on all.
         """
+        tasks = self._task_options(eval_tasks, eval_task_options)
+        parallel = current(self.device)
+        with parallel.guard():
+            before = self._zero_shot(tasks, parallel) if tasks else None
+            model = self._prune(
+                parallel, calibration_dataset, eval_dataset, eval_sequence_length, eval_max_windows, progress
+            )
+            if tasks:
+                self.report.zero_shot = {"before": before, "after": self._zero_shot(tasks, parallel)}
+            return model
+
+    def _task_options(self, tasks: str | Sequence[str] | None, options: dict[str, Any] | None) -> dict | None:
+        """``evaluate_tasks`` keyword arguments for ``prune(eval_tasks=...)``, checked before any work."""
+        if tasks is None:
+            if options:
+                raise ValueError("eval_task_options was given without eval_tasks")
+            return None
+        from .zeroshot import check_options, lm_eval_module, parse_tasks
+
+        allowed = ("num_fewshot", "limit", "include_path", "batch_size")
+        unknown = sorted(set(options or {}) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown eval_task_options {unknown}; allowed: {list(allowed)}")
+        kwargs = {"batch_size": self.config.batch_size, **(options or {}), "tasks": parse_tasks(tasks)}
+        check_options(kwargs.get("num_fewshot"), kwargs.get("limit"), kwargs["batch_size"])
+        lm_eval_module()  # a missing extra fails now, not after pruning
+        return kwargs
+
+    def _zero_shot(self, options: dict[str, Any], parallel: Parallel) -> Any:
+        """lm-eval scores of the model as it is now; with several ranks, rank 0 scores and shares them."""
+        from .zeroshot import evaluate_tasks
+
+        return parallel.on_main(
+            lambda: evaluate_tasks(self.model, self.tokenizer, device=self.device, **options), share=True
+        )
+
+    def _prune(
+        self,
+        parallel: Parallel,
+        calibration_dataset: CalibrationData | None,
+        eval_dataset: CalibrationData | None,
+        eval_sequence_length: int | None,
+        eval_max_windows: int | None,
+        progress: bool,
+    ) -> nn.Module:
+        progress = progress and parallel.is_main
         evaluate = eval_dataset is not None
+        if evaluate and eval_sequence_length is None:
+            from .evaluation import default_sequence_length
+
+            eval_sequence_length = default_sequence_length(self.model)
+        windows = (eval_dataset, eval_sequence_length, eval_max_windows)
         if evaluate:
-            before = self._perplexity(eval_dataset, eval_sequence_length, eval_max_windows, progress)
+            before = self._perplexity(*windows, progress, parallel)
         if calibration_dataset is None:
             logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
             calibration_dataset = DEFAULT_CALIBRATION_TEXT
-        input_ids = prepare_calibration(
-            calibration_dataset,
-            self.tokenizer,
-            self.config.num_samples,
-            self._sequence_length(),
-            self.config.seed,
+        input_ids = parallel.on_main(
+            lambda: prepare_calibration(
+                calibration_dataset,
+                self.tokenizer,
+                self.config.num_samples,
+                self._sequence_length(),
+                self.config.seed,
+            ),
+            share=True,
         )
         logger.info("calibrating on %d windows of %d tokens on %s", *input_ids.shape, self.device)
         start = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
         try:
-            result = prune_sequential(self.model, input_ids, self.config, self.device, progress)
+            result = prune_sequential(self.model, input_ids, self.config, self.device, progress, parallel)
         finally:
             self.model.train(was_training)
         self.report = PruneReport(
@@ -132,9 +202,10 @@ class MAIHTPruner:
             device=str(self.device),
             seconds=round(time.perf_counter() - start, 2),
             versions=library_versions(),
+            world_size=parallel.world_size,
         )
         if evaluate:
-            after = self._perplexity(eval_dataset, eval_sequence_length, eval_max_windows, progress)
+            after = self._perplexity(*windows, progress, parallel)
             self.report.evaluation = {
                 "dataset": describe_data(eval_dataset),
                 "split": split_of(eval_dataset),
@@ -158,24 +229,61 @@ class MAIHTPruner:
         return seq_len
 
     def _perplexity(
-        self, data: CalibrationData, sequence_length: int, max_windows: int | None, progress: bool
+        self,
+        data: CalibrationData,
+        sequence_length: int,
+        max_windows: int | None,
+        progress: bool,
+        parallel: Parallel,
     ) -> float:
+        """Perplexity of the model as it is now. With several ranks, rank 0 cuts the windows and shares
+        them, each rank scores its share, and the log-likelihoods are summed."""
         from .evaluation import perplexity
 
+        windows: Any = data
+        if parallel.world_size > 1:
+            windows = parallel.on_main(
+                lambda: self._eval_windows(data, sequence_length, max_windows), share=True
+            )
+            windows, max_windows = parallel.shard_windows(windows, self.config.batch_size), None
         home = next(self.model.parameters()).device
         self.model.to(self.device)
         try:
-            return perplexity(
-                self.model,
-                self.tokenizer,
-                data,
-                sequence_length,
-                max_windows,
-                batch_size=self.config.batch_size,
-                progress=progress,
-            )
+            if parallel.world_size == 1:
+                return perplexity(
+                    self.model,
+                    self.tokenizer,
+                    data,
+                    sequence_length,
+                    max_windows,
+                    batch_size=self.config.batch_size,
+                    progress=progress,
+                )
+            count = windows.shape[0] * (windows.shape[1] - 1)
+            nll = 0.0
+            if count:
+                ppl = perplexity(
+                    self.model, None, windows, batch_size=self.config.batch_size, progress=progress
+                )
+                nll = math.log(ppl) * count
         finally:
             self.model.to(home)
+        nll, count = parallel.sum([nll, count])
+        return math.exp(nll / count)
+
+    def _eval_windows(self, data: CalibrationData, sequence_length: int, max_windows: int | None) -> Tensor:
+        """The windows :func:`optimum_maiht.evaluation.perplexity` scores for ``data``."""
+        from .data import calibration_text, special_prefix, token_windows, tokenize
+
+        text = calibration_text(data)
+        if isinstance(text, Tensor):
+            if text.dim() == 2:
+                return text if max_windows is None else text[:max_windows]
+            return token_windows(text, max_windows, sequence_length)
+        if self.tokenizer is None:
+            raise ValueError("evaluating on text needs a tokenizer")
+        ids = tokenize(self.tokenizer, text)
+        return token_windows(ids, max_windows, sequence_length, special_prefix(self.tokenizer))
 
     def save_pretrained(
         self,
@@ -194,11 +302,16 @@ class MAIHTPruner:
         loads it); ``"compressed"``: kept values plus packed masks, about half the bytes at 50%, loaded with
         :class:`optimum_maiht.MAIHTModelForCausalLM`. ``model_card``: keyword arguments of
         :func:`optimum_maiht.model_card.render_model_card`, e.g. ``{"license": "apache-2.0"}``.
+
+        Under ``torchrun`` only rank 0 writes; the other ranks return the same path at once, without
+        waiting (they need not call this at all).
         """
         from .serialization import save_pruned
 
         if self.report is None:
             raise RuntimeError("nothing to save yet: call prune() first")
+        if not is_main_process():
+            return Path(save_directory).expanduser().resolve()
         return save_pruned(
             save_directory,
             self.model,
@@ -218,13 +331,16 @@ class MAIHTPruner:
         save_format: str = "dense",
         model_card: dict[str, Any] | None = None,
         **hub_options: Any,
-    ) -> str:
+    ) -> str | None:
         """Save into a temporary folder (as :meth:`save_pretrained`, the card naming ``repo_id``) and upload
         it with :func:`optimum_maiht.hub.push_to_hub`, which takes ``hub_options`` (``private``, ``token``,
         ``create_pr``, ``commit_message``, ``revision``, ``endpoint``); returns the commit or PR URL. The
-        token comes from ``token``, ``HF_TOKEN`` or the cached login, and is never written anywhere."""
+        token comes from ``token``, ``HF_TOKEN`` or the cached login, and is never written anywhere.
+        Under ``torchrun`` only rank 0 uploads; the other ranks return ``None``."""
         from .hub import push_to_hub
 
+        if not is_main_process():
+            return None
         with tempfile.TemporaryDirectory(prefix="maiht-push-") as tmp:
             card = {"repo_id": repo_id, **(model_card or {})}
             folder = self.save_pretrained(Path(tmp) / "model", save_format=save_format, model_card=card)

@@ -1,4 +1,5 @@
-"""The pruning report: what happened to every weight matrix of the decoder blocks, as typed objects.
+"""The pruning report: what happened to every weight matrix of the decoder blocks, as typed objects
+(docs/design.md, "The report").
 
 ``MAIHTPruner.prune`` fills a :class:`PruneReport`; it is saved as ``maiht_report.json``
 (``PruneReport.to_dict`` / ``from_dict`` round-trip) and rendered in the model card and the CLI summary.
@@ -93,6 +94,128 @@ class TypeSparsity:
     error_after: float
 
 
+_SCORE_INFO = (
+    "num_fewshot",
+    "samples",
+    "dataset",
+    "dataset_config",
+    "split",
+    "higher_is_better",
+    "subtask_of",
+)
+"""Keys of a task's entry in :meth:`ZeroShotResults.to_dict` that are not metrics."""
+
+
+@dataclass
+class TaskScore:
+    """One metric of one lm-evaluation-harness task (docs/design.md, "Evaluation")."""
+
+    task: str
+    metric: str
+    """As lm-eval names it (``acc``, ``acc_norm``, ...); ``metric,filter`` when its filter is not ``none``."""
+    value: float
+    stderr: float | None = None
+    num_fewshot: int | None = None
+    samples: int | None = None
+    """Documents scored (after ``limit``)."""
+    dataset: str | None = None
+    """The task's ``dataset_path`` (a Hub dataset id, or ``json`` / ``csv``... for local files)."""
+    dataset_config: str | None = None
+    split: str | None = None
+    """The split scored: the task's test split, else its validation split."""
+    higher_is_better: bool | None = None
+    subtask_of: str | None = None
+    """The lm-eval group this task's result is part of (``None``: a task asked for, or a group itself)."""
+
+    @property
+    def stderr_key(self) -> str:
+        """lm-eval's name of the standard error: ``acc_stderr``, ``exact_match_stderr,strict-match``."""
+        metric, comma, kind = self.metric.partition(",")
+        return f"{metric}_stderr{comma}{kind}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TaskScore:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
+class ZeroShotResults:
+    """One lm-evaluation-harness run: every metric of every task, and how it was run."""
+
+    scores: list[TaskScore]
+    tasks: list[str]
+    """The task names (or YAML files) asked for."""
+    lm_eval_version: str
+    num_fewshot: int | None = None
+    """Few-shot examples asked for (``None``: each task's own default, 0 for the standard tasks)."""
+    limit: int | float | None = None
+    """Documents per task (a fraction when < 1); ``None``: every document."""
+    seconds: float | None = None
+    mean_metric: str = "acc"
+    """The metric averaged over the tasks by :meth:`mean`."""
+
+    def mean(self, metric: str | None = None) -> float | None:
+        """Unweighted mean of ``metric`` (default :attr:`mean_metric`) over the tasks that report it, groups'
+        subtasks left out (a group counts once, by its own aggregate); ``None`` when no task reports it."""
+        metric = metric or self.mean_metric
+        values = [s.value for s in self.scores if s.metric == metric and s.subtask_of is None]
+        return sum(values) / len(values) if values else None
+
+    def mean_tasks(self, metric: str | None = None) -> list[str]:
+        """The tasks :meth:`mean` averages over."""
+        metric = metric or self.mean_metric
+        return [s.task for s in self.scores if s.metric == metric and s.subtask_of is None]
+
+    def score(self, task: str, metric: str) -> TaskScore | None:
+        return next((s for s in self.scores if s.task == task and s.metric == metric), None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: ``results`` holds, per task, its metrics as lm-eval names them (``acc``, ``acc_stderr``,
+        ``acc_norm``...) beside ``num_fewshot``, ``samples``, ``dataset``, ``split``..."""
+        results: dict[str, dict[str, Any]] = {}
+        for s in self.scores:  # metrics first, then what describes the task
+            results.setdefault(s.task, {}).update({s.metric: s.value, s.stderr_key: s.stderr})
+        for s in self.scores:
+            entry = results[s.task]
+            entry.update({key: getattr(s, key) for key in _SCORE_INFO if key != "higher_is_better"})
+            entry.setdefault("higher_is_better", {})[s.metric] = s.higher_is_better
+        return {
+            "lm_eval_version": self.lm_eval_version,
+            "tasks": list(self.tasks),
+            "num_fewshot": self.num_fewshot,
+            "limit": self.limit,
+            "seconds": self.seconds,
+            "mean": {"metric": self.mean_metric, "value": self.mean(), "tasks": self.mean_tasks()},
+            "results": results,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ZeroShotResults:
+        scores = []
+        for task, entry in (data.get("results") or {}).items():
+            info = {key: entry.get(key) for key in _SCORE_INFO if key != "higher_is_better"}
+            better = entry.get("higher_is_better") or {}
+            for key, value in entry.items():
+                if key in _SCORE_INFO or "_stderr" in key:
+                    continue
+                score = TaskScore(task=task, metric=key, value=value, **info)
+                score.stderr = entry.get(score.stderr_key)
+                score.higher_is_better = better.get(key)
+                scores.append(score)
+        return cls(
+            scores=scores,
+            tasks=list(data.get("tasks") or []),
+            lm_eval_version=str(data.get("lm_eval_version") or "unknown"),
+            num_fewshot=data.get("num_fewshot"),
+            limit=data.get("limit"),
+            seconds=data.get("seconds"),
+            mean_metric=(data.get("mean") or {}).get("metric") or "acc",
+        )
+
+
 @dataclass
 class PruneReport:
     """Summary and per-layer results of one pruning run."""
@@ -111,6 +234,10 @@ class PruneReport:
     method: str = "mAIHT"
     block_seconds: list[float] = field(default_factory=list)
     """Wall time of each decoder block (calibration passes, solves, propagation)."""
+    world_size: int = 1
+    """Processes that pruned together (``torchrun``; docs/design.md, "Several processes")."""
+    zero_shot: dict[str, ZeroShotResults] | None = None
+    """lm-evaluation-harness results ``{"before": ..., "after": ...}`` (``prune(eval_tasks=...)``)."""
 
     @property
     def pruned(self) -> list[LayerReport]:
@@ -156,9 +283,12 @@ class PruneReport:
             "device": self.device,
             "seconds": self.seconds,
             "block_seconds": self.block_seconds,
+            "world_size": self.world_size,
         }
         if self.evaluation is not None:
             data["evaluation"] = self.evaluation
+        if self.zero_shot is not None:
+            data["zero_shot"] = {when: results.to_dict() for when, results in self.zero_shot.items()}
         data.update(
             {
                 "sparsity": self.sparsity,
@@ -194,7 +324,15 @@ class PruneReport:
             versions=data.get("versions") or {},
             method=data.get("method", "mAIHT"),
             block_seconds=data.get("block_seconds") or [],
+            world_size=data.get("world_size", 1),
+            zero_shot=_zero_shot(data.get("zero_shot")),
         )
+
+
+def _zero_shot(data: Any) -> dict[str, ZeroShotResults] | None:
+    if not isinstance(data, dict):
+        return None
+    return {when: ZeroShotResults.from_dict(results) for when, results in data.items()}
 
 
 def library_versions() -> dict[str, str]:

@@ -1,4 +1,4 @@
-"""The sequential pipeline: prune a causal LM one decoder block at a time (docs/design.md, "Pipeline").
+"""The sequential pipeline: prune a causal LM one decoder block at a time (docs/design.md, "The pipeline").
 
 Nothing here is model specific. The decoder blocks are the largest homogeneous ``nn.ModuleList``; the
 targets inside them (linear layers, fused expert weights) are chosen in :mod:`optimum_maiht.targets`;
@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .configuration import MAIHTConfig
+from .distributed import SINGLE, Parallel, SolveJob
 from .experts import ExpertGramRecorder, FusedExpertWeight, eager_experts, expert_groups, weight_view
 from .model_utils import find_decoder_blocks, weight_matrix
 from .report import KeptDense, LayerReport, layer_type
@@ -189,10 +190,12 @@ def prune_sequential(
     config: MAIHTConfig,
     device: torch.device,
     progress: bool = True,
+    parallel: Parallel = SINGLE,
 ) -> SequentialResult:
     """Prune ``model`` in place, block by block; return a report per target (a linear layer or an expert's
     slice of a fused parameter), the other matrices inside the blocks (kept dense, with the reason) and the
-    time per block."""
+    time per block. ``parallel`` (:mod:`optimum_maiht.distributed`): under ``torchrun``, this rank's share
+    of the windows is calibrated here and the statistics and solves are shared with the other ranks."""
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, blocks_name, blocks, config)
     kept = kept_dense_weights(blocks_name, blocks, targets, config)
@@ -200,7 +203,8 @@ def prune_sequential(
 
     _move_outside_blocks(model, blocks, device)
     try:
-        hidden, calls = capture_block_inputs(model, blocks, input_ids, config.batch_size, device)
+        shard = parallel.shard_windows(input_ids, config.batch_size)
+        hidden, calls = capture_block_inputs(model, blocks, shard, config.batch_size, device)
     finally:
         _move_outside_blocks(model, blocks, home)
 
@@ -211,7 +215,7 @@ def prune_sequential(
             start = time.perf_counter()
             block = blocks[i].to(device)
             run_block = functools.partial(run_calibration, block, hidden, calls[i])
-            result.layers += _prune_block(targets[i], run_block, config)
+            result.layers += _prune_block(targets[i], run_block, config, parallel)
             hidden = run_calibration(block, hidden, calls[i])
             if not all(bool(torch.isfinite(h).all()) for h in hidden):
                 logger.warning(
@@ -242,7 +246,7 @@ def run_calibration(
 
 
 def _prune_block(
-    targets: BlockTargets, run_block: Callable[..., Any], config: MAIHTConfig
+    targets: BlockTargets, run_block: Callable[..., Any], config: MAIHTConfig, parallel: Parallel = SINGLE
 ) -> list[LayerReport]:
     """Collect the Gram matrices of one block's targets from the dense block and prune them.
 
@@ -250,7 +254,8 @@ def _prune_block(
     ``experts_per_pass`` (one pass each, so that only that many experts' Grams are held at once) and
     solved right after their pass: an expert's inputs depend only on the layers before the router and on
     its own first projection, so pruning one group does not change the next group's statistics. The
-    linear layers are solved last, so every pass sees the same dense block.
+    linear layers are solved last, so every pass sees the same dense block. With several ranks, the
+    statistics are summed over the ranks before anything is decided or solved (``parallel``).
     """
     if not targets:
         return []
@@ -264,7 +269,7 @@ def _prune_block(
                 run_block(after_batch=collector.end_batch if collector else None)
             else:
                 reports += _prune_expert_group(
-                    targets.experts, group, run_block, config, collector if first else None
+                    targets.experts, group, run_block, config, collector if first else None, parallel
                 )
             if first and collector is not None:
                 collector.remove()
@@ -272,7 +277,24 @@ def _prune_block(
         if collector is not None:
             collector.remove()
     if collector is not None:
-        reports = [_prune_linear(n, m, collector, config) for n, m in targets.linears.items()] + reports
+        parallel.reduce_statistics(collector.gram, collector.tokens, collector.dropped_tokens)
+        jobs = [_linear_job(n, m, collector) for n, m in targets.linears.items()]
+        reports = _solve_all(jobs, config, parallel) + reports
+    return reports
+
+
+_Job = tuple[SolveJob, dict[str, Any]]
+"""A layer problem and the report fields it adds (``tokens``, ``statistics``, ``transposed``)."""
+
+
+def _solve_all(jobs: list[_Job], config: MAIHTConfig, parallel: Parallel) -> list[LayerReport]:
+    """Solve the jobs (spread over the ranks by ``parallel``) and complete their reports."""
+    split_rows = config.formulation == "constraint" and (config.nm is not None or config.scope == "row")
+    solve = functools.partial(_solve, config=config)
+    reports = parallel.solve([job for job, _ in jobs], solve, split_rows=split_rows)
+    for report, (_, extra) in zip(reports, jobs, strict=True):
+        for key, value in extra.items():
+            setattr(report, key, value)
     return reports
 
 
@@ -282,12 +304,16 @@ def _prune_expert_group(
     run_block: Callable[..., Any],
     config: MAIHTConfig,
     collector: GramCollector | None,
+    parallel: Parallel = SINGLE,
 ) -> list[LayerReport]:
     """One calibration pass accumulating the Grams of the experts in ``group`` (and of the linear layers,
-    with ``collector``), then the starved experts' all-token statistics, then the solves."""
+    with ``collector``), then the starved experts' all-token statistics, then the solves. The routed
+    counts are summed over the ranks first, so that the starved experts are the same on every rank."""
     keep_calls = config.min_expert_tokens > 0
     with ExpertGramRecorder(experts, experts=group, keep_calls=keep_calls) as recorder:
         run_block(after_batch=collector.end_batch if collector else None)
+        parallel.reduce_statistics(recorder.gram, recorder.tokens, recorder.dropped)
+        parallel.union(recorder.layout)
         missing = [w.name for w in experts if w.name not in recorder.layout]
         if missing:
             raise RuntimeError(
@@ -299,18 +325,17 @@ def _prune_expert_group(
             for e in group
             if min(recorder.tokens.get((w.name, e), 0) for w in experts) < config.min_expert_tokens
         ]
-        forced = _all_token_statistics(recorder, starved)
-        reports = []
-        for w in experts:
-            for e in group:
-                if e < w.num_experts:
-                    reports.append(_prune_expert(w, e, recorder, e in forced, config))
-    return reports
+        forced = _all_token_statistics(recorder, starved, parallel)
+        jobs = [_expert_job(w, e, recorder, e in forced) for w in experts for e in group if e < w.num_experts]
+        return _solve_all(jobs, config, parallel)
 
 
-def _all_token_statistics(recorder: ExpertGramRecorder, starved: list[int]) -> set[int]:
+def _all_token_statistics(
+    recorder: ExpertGramRecorder, starved: list[int], parallel: Parallel = SINGLE
+) -> set[int]:
     """Send every calibration token through the starved experts (statistics only); the experts for which
-    that worked. Where the routing cannot be forced, the routed tokens are used, with a warning."""
+    that worked. Where the routing cannot be forced, the routed tokens are used, with a warning. Each rank
+    replays its own recorded calls; the ranks agree on the outcome and sum the statistics."""
     if not starved:
         return set()
     logger.warning(
@@ -318,17 +343,22 @@ def _all_token_statistics(recorder: ExpertGramRecorder, starved: list[int]) -> s
         "built from every calibration token instead (see the report's 'statistics')",
         starved,
     )
+    failure = None
     try:
         recorder.replay_all_tokens(starved)
     except ValueError as err:
-        logger.warning("%s; pruning experts %s on their routed tokens (magnitude where none)", err, starved)
+        failure = str(err)
+    failure = next((f for f in parallel.gather(failure) if f is not None), None)
+    if failure is not None:
+        logger.warning(
+            "%s; pruning experts %s on their routed tokens (magnitude where none)", failure, starved
+        )
         return set()
+    parallel.reduce_statistics(recorder.gram_all, recorder.tokens_all)
     return set(starved)
 
 
-def _prune_expert(
-    fused: FusedExpertWeight, e: int, recorder: ExpertGramRecorder, all_tokens: bool, config: MAIHTConfig
-) -> LayerReport:
+def _expert_job(fused: FusedExpertWeight, e: int, recorder: ExpertGramRecorder, all_tokens: bool) -> _Job:
     key = (fused.name, e)
     layout = recorder.layout[fused.name]
     weight = weight_view(fused, e, layout)
@@ -340,12 +370,11 @@ def _prune_expert(
         logger.warning("%s expert %d: no calibration token reached it; pruned by magnitude", fused.name, e)
         gram = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
         tokens, statistics = 0, "none (magnitude)"
-    report = _solve(f"{fused.name}[{e}]", weight, gram, config)
-    report.tokens, report.statistics, report.transposed = tokens, statistics, layout == "in_out"
-    return report
+    extra = {"tokens": tokens, "statistics": statistics, "transposed": layout == "in_out"}
+    return SolveJob(f"{fused.name}[{e}]", weight, gram), extra
 
 
-def _prune_linear(name: str, layer: nn.Module, collector: GramCollector, config: MAIHTConfig) -> LayerReport:
+def _linear_job(name: str, layer: nn.Module, collector: GramCollector) -> _Job:
     if name not in collector.gram:
         if ".*." not in layer_type(name):
             raise RuntimeError(f"{name} was not called during calibration; add it to ignore to keep it dense")
@@ -353,18 +382,14 @@ def _prune_linear(name: str, layer: nn.Module, collector: GramCollector, config:
         logger.warning("%s: no calibration token reached this expert; pruned by magnitude", name)
         weight = weight_matrix(layer)
         gram = torch.eye(weight.shape[1], dtype=torch.float32, device=weight.device)
-        report = _solve(name, weight, gram, config)
-        report.tokens, report.statistics = 0, "none (magnitude)"
-        return report
+        return SolveJob(name, weight, gram), {"tokens": 0, "statistics": "none (magnitude)"}
     if collector.dropped_tokens.get(name):
         logger.warning(
             "%s: %d calibration tokens with non-finite activations were left out",
             name,
             collector.dropped_tokens[name],
         )
-    report = _solve(name, weight_matrix(layer), collector.gram[name], config)
-    report.tokens = collector.tokens.get(name)
-    return report
+    return SolveJob(name, weight_matrix(layer), collector.gram[name]), {"tokens": collector.tokens.get(name)}
 
 
 def _solve(name: str, weight: Tensor, gram: Tensor, config: MAIHTConfig) -> LayerReport:

@@ -64,8 +64,9 @@ class FakeHub:
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
         self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def __enter__(self) -> FakeHub:
@@ -214,8 +215,14 @@ class FakeHub:
             repo.branches[revision] = copy.copy(repo.branches["main"])
         repo.branches[revision].update(changes)
         repo.heads[revision] = oid
-        repo.commits.append({"revision": revision, "summary": header["summary"], "files": sorted(changes),
-                             "create_pr": create_pr})
+        repo.commits.append(
+            {
+                "revision": revision,
+                "summary": header["summary"],
+                "files": sorted(changes),
+                "create_pr": create_pr,
+            }
+        )
         answer = {"commitUrl": f"{self.url}/{match['repo']}/commit/{oid}", "commitOid": oid, "success": True}
         if create_pr:
             answer["pullRequestUrl"] = f"{self.url}/{match['repo']}/discussions/{number}"

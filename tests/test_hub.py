@@ -47,9 +47,11 @@ def front_matter(text: str) -> dict:
 
 def digest(folder: Path) -> dict[str, tuple[str, int]]:
     """Content hash and modification time of every file: equal digests mean an untouched folder."""
-    return {p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(),
-                                                p.stat().st_mtime_ns)
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(folder).as_posix(): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +65,14 @@ def pruned(tmp_path_factory):
     before = perplexity(model, tokenizer, **evaluate)
     pruner.prune(calibration_ids(), progress=False)
     report = pruner.report
-    report.evaluation = {"dataset": "wikitext-2-raw-v1 (test excerpt)", "split": "test",
-                            "sequence_length": 32, "windows": 4, "perplexity_before": before,
-                            "perplexity_after": perplexity(model, tokenizer, **evaluate)}
+    report.evaluation = {
+        "dataset": "wikitext-2-raw-v1 (test excerpt)",
+        "split": "test",
+        "sequence_length": 32,
+        "windows": 4,
+        "perplexity_before": before,
+        "perplexity_after": perplexity(model, tokenizer, **evaluate),
+    }
     folder = tmp_path_factory.mktemp("pruned") / "model"
     pruner.save_pretrained(folder)
     write_model_card(folder, report, base_model=BASE, license="apache-2.0")
@@ -197,8 +204,9 @@ def test_push_uploads_the_folder(hub, folder):
     assert hub.lfs[hashlib.sha256(local["model.safetensors"]).hexdigest()] == local["model.safetensors"]
     meta = front_matter(uploaded["README.md"].decode())
     assert meta["base_model"] == BASE and "2:4-sparsity" in meta["tags"]
-    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}"
-               for r in hub.requests if r.route != "lfs_upload")
+    assert all(
+        r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests if r.route != "lfs_upload"
+    )
     assert not any(TOKEN.encode() in content for content in uploaded.values())
     assert not any(TOKEN.encode() in r.body for r in hub.requests)
     assert "unknown" not in hub.routes()
@@ -215,8 +223,9 @@ def test_create_pr_and_public_default(hub, folder):
     url = push_to_hub(folder, REPO, token=TOKEN, endpoint=hub.url, create_pr=True)
     repo = hub.repos[REPO]
     assert url == f"{hub.url}/{REPO}/discussions/1"
-    assert not repo.private and "visibility" not in json.loads(next(r for r in hub.requests
-                                                                    if r.route == "create").body)
+    assert not repo.private and "visibility" not in json.loads(
+        next(r for r in hub.requests if r.route == "create").body
+    )
     commit = next(r for r in hub.requests if r.route == "commit")
     assert commit.query.get("create_pr") == ["1"]
     assert repo.branches["main"] == {} and "model.safetensors" in repo.branches["refs/pr/1"]
@@ -331,8 +340,9 @@ def test_pruner_save_pretrained_writes_the_card(pruned, tmp_path):
 
 
 def test_pruner_push_to_hub(hub, pruned):
-    url = pruned.pruner.push_to_hub(REPO, token=TOKEN, endpoint=hub.url, private=True,
-                                    model_card={"base_model": BASE})
+    url = pruned.pruner.push_to_hub(
+        REPO, token=TOKEN, endpoint=hub.url, private=True, model_card={"base_model": BASE}
+    )
     files = hub.repos[REPO].branches["main"]
     card = files["README.md"].decode()
     assert url.startswith(f"{hub.url}/{REPO}/commit/") and hub.repos[REPO].private

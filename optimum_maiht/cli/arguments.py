@@ -18,8 +18,18 @@ from .errors import CLIError, about_flag
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 """``--dtype`` choices: ``auto`` keeps the checkpoint's dtype."""
-EVAL_SEQUENCE_LENGTH = 512
-EVAL_MAX_WINDOWS = 40
+EVAL_MAX_WINDOWS = 0
+"""``--max-windows`` / ``--eval-max-windows`` default: the whole text, as the papers measure it."""
+LENGTH_HELP = (
+    "tokens per window, >= 2 (default: the model's training length, max_position_embeddings, capped at "
+    "2048, as the papers measure it)"
+)
+TASKS_HELP = (
+    "comma-separated lm-evaluation-harness tasks, groups or tags (needs pip install "
+    '"optimum-maiht[eval]"), e.g. the pruning papers\' seven: boolq,rte,hellaswag,winogrande,arc_easy,'
+    "arc_challenge,openbookqa (their data comes from the Hugging Face Hub). lm-eval's own 'wikitext' task is "
+    "word-level rolling perplexity, not comparable with the perplexity measured here (default: no task)"
+)
 
 
 @dataclass(frozen=True)
@@ -152,18 +162,54 @@ def add_evaluation_flags(parser: Any, default_dataset: str, prefix: str = "") ->
         metavar="NAME_OR_FILE",
         help=text_help("evaluation text"),
     )
-    parser.add_argument(
-        f"--{prefix}sequence-length", type=int, default=EVAL_SEQUENCE_LENGTH, help="tokens per window (>= 2)"
-    )
+    parser.add_argument(f"--{prefix}sequence-length", type=int, default=None, help=LENGTH_HELP)
     parser.add_argument(
         f"--{prefix}max-windows",
         type=int,
         default=EVAL_MAX_WINDOWS,
-        help="windows evaluated (0: the whole text)",
+        help="windows evaluated, the first ones (0: the whole text; a few for a quick look)",
+    )
+
+
+def add_zero_shot_flags(parser: Any, prefix: str = "") -> None:
+    """``--{prefix}tasks``, ``--{prefix}num-fewshot``, ``--{prefix}limit``, ``--{prefix}include-path``: the
+    lm-evaluation-harness tasks of ``eval`` (no prefix) and of ``prune`` (prefix ``eval-``)."""
+    parser.add_argument(f"--{prefix}tasks", default=None, metavar="TASKS", help=TASKS_HELP)
+    parser.add_argument(
+        f"--{prefix}num-fewshot",
+        type=int,
+        default=None,
+        metavar="K",
+        help="few-shot examples per prompt (default: each task's own, 0 for the seven above)",
+    )
+    parser.add_argument(
+        f"--{prefix}limit",
+        type=_count_or_fraction,
+        default=None,
+        metavar="N",
+        help="documents per task, or a fraction of them below 1: quicker, noisier numbers (default: all)",
+    )
+    parser.add_argument(
+        f"--{prefix}include-path",
+        default=None,
+        metavar="DIR",
+        help="folder of your own lm-eval task YAMLs, e.g. on local data: dataset_path: json with data_files, "
+        "read from the working directory (default: none)",
     )
 
 
 # --- checks of the values, before any loading -----------------------------------------------------------
+
+
+def _count_or_fraction(text: str) -> int | float:
+    """``--limit``: ``"100"`` -> 100, ``"0.1"`` -> 0.1 (its range is checked with the other flags)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def require_at_least(value: int, flag: str, minimum: int, meaning: str) -> None:
@@ -177,7 +223,8 @@ class EvalWindows:
     """The checked evaluation flags."""
 
     dataset: str
-    sequence_length: int
+    sequence_length: int | None
+    """``None``: the model's training length capped at 2048 (known once the model is loaded)."""
     max_windows: int | None
     """``None``: every window of the text (``--max-windows 0``)."""
 
@@ -188,10 +235,45 @@ def evaluation_windows(args: argparse.Namespace, prefix: str = "") -> EvalWindow
     dest = prefix.replace("-", "_")
     length = getattr(args, f"{dest}sequence_length")
     windows = getattr(args, f"{dest}max_windows")
-    require_at_least(length, f"--{prefix}sequence-length", 2, "a window predicts each token after its first")
+    if length is not None:
+        meaning = "a window predicts each token after its first"
+        require_at_least(length, f"--{prefix}sequence-length", 2, meaning)
     require_at_least(windows, f"--{prefix}max-windows", 0, "0 evaluates every window of the text")
     dataset = text_source(getattr(args, f"{dest}dataset"), f"--{prefix}dataset")
     return EvalWindows(dataset, length, windows or None)
+
+
+def zero_shot_options(args: argparse.Namespace, prefix: str = "") -> dict[str, Any] | None:
+    """The flags of :func:`add_zero_shot_flags`, checked before the model is loaded: ``None`` without
+    ``--{prefix}tasks``, else the keyword arguments of ``optimum_maiht.zeroshot.evaluate_tasks`` (lm-eval
+    installed, every task known, the include path a folder)."""
+    dest = prefix.replace("-", "_")
+    tasks = getattr(args, f"{dest}tasks")
+    others = ("num_fewshot", "limit", "include_path")
+    if tasks is None:
+        flags = {f"--{prefix}{o.replace('_', '-')}": getattr(args, f"{dest}{o}") for o in others}
+        given = [flag for flag, value in flags.items() if value is not None]
+        if given:
+            raise CLIError(f"{', '.join(given)} given without --{prefix}tasks: name the tasks to evaluate")
+        return None
+    from optimum_maiht import zeroshot
+
+    options = {o: getattr(args, f"{dest}{o}") for o in others}
+    with about_flag(f"--{prefix}tasks"):
+        options["tasks"] = zeroshot.parse_tasks(tasks)
+    if options["num_fewshot"] is not None:
+        require_at_least(options["num_fewshot"], f"--{prefix}num-fewshot", 0, "0 is zero-shot")
+    limit = options["limit"]
+    if limit is not None and not (limit >= 1 if isinstance(limit, int) else 0 < limit < 1):
+        raise CLIError(
+            f"--{prefix}limit {limit}: give a number of documents (1 or more) or a fraction between 0 and 1"
+        )
+    if options["include_path"] is not None and not Path(options["include_path"]).expanduser().is_dir():
+        raise CLIError(f"--{prefix}include-path {options['include_path']}: no such folder")
+    zeroshot.lm_eval_module()  # a missing extra: one line with the install command
+    with about_flag(f"--{prefix}tasks"):
+        zeroshot.check_tasks(options["tasks"], zeroshot.task_manager(options["include_path"]))
+    return options
 
 
 def text_source(name: str, flag: str) -> str:

@@ -20,6 +20,7 @@ from .arguments import (
     add_evaluation_flags,
     add_model_loading,
     add_verbose,
+    add_zero_shot_flags,
     config_flags,
     context_check,
     device_flag,
@@ -30,6 +31,7 @@ from .arguments import (
     setup_parser,
     text_help,
     text_source,
+    zero_shot_options,
 )
 from .errors import CLIError, is_user_error, one_line, run_guarded
 from .push import push_folder
@@ -95,9 +97,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="'dense': zeros stored, loads with plain transformers; 'compressed': values plus bitmask, about "
         "half the bytes at 50%% sparsity",
     )
-    evaluation = parser.add_argument_group("evaluation", "perplexity before and after, into the report")
+    evaluation = parser.add_argument_group(
+        "evaluation", "perplexity and lm-eval task accuracy before and after, into the report and the card"
+    )
     evaluation.add_argument("--eval", action="store_true", help="measure perplexity before and after")
     add_evaluation_flags(evaluation, DEFAULT_EVAL_TEXT, prefix="eval-")
+    add_zero_shot_flags(evaluation, prefix="eval-")
     hub = parser.add_argument_group("Hub", "token from HF_TOKEN or `hf auth login`")
     hub.add_argument(
         "--push-to-hub",
@@ -185,18 +190,24 @@ def load_pruner(
     return pruner
 
 
-def prune(pruner: MAIHTPruner, calibration: str, windows: EvalWindows | None) -> None:
-    """Prune; with ``--eval`` the pruner measures perplexity before and after into its report."""
-    if windows is None:
-        pruner.prune(calibration)
-        return
-    context_check(pruner.model, windows.sequence_length, "--eval-sequence-length")
-    pruner.prune(
-        calibration,
-        eval_dataset=windows.dataset,
-        eval_sequence_length=windows.sequence_length,
-        eval_max_windows=windows.max_windows,
-    )
+def prune(
+    pruner: MAIHTPruner, calibration: str, windows: EvalWindows | None, tasks: dict[str, Any] | None = None
+) -> None:
+    """Prune; with ``--eval`` the pruner measures perplexity before and after into its report, with
+    ``--eval-tasks`` the lm-eval tasks' scores."""
+    evaluation: dict[str, Any] = {}
+    if tasks is not None:
+        options = {key: value for key, value in tasks.items() if key != "tasks"}
+        evaluation.update(eval_tasks=tasks["tasks"], eval_task_options=options)
+    if windows is not None:
+        if windows.sequence_length is not None:
+            context_check(pruner.model, windows.sequence_length, "--eval-sequence-length")
+        evaluation.update(
+            eval_dataset=windows.dataset,
+            eval_sequence_length=windows.sequence_length,
+            eval_max_windows=windows.max_windows,
+        )
+    pruner.prune(calibration, **evaluation)
 
 
 def save(pruner: MAIHTPruner, target: Path, args: argparse.Namespace, base_model: str | None) -> Path:
@@ -260,6 +271,8 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
         )
     if report.evaluation:
         lines.append(_perplexity_line(report.evaluation))
+    if report.zero_shot:
+        lines += _zero_shot_lines(report.zero_shot)
     lines += [
         f"  time         {report.seconds:.1f} s pruning on {report.device}, {total:.1f} s in all",
         f"  output       {target} ({save_format}, {human_bytes(folder_bytes(target))})",
@@ -276,6 +289,24 @@ def _perplexity_line(evaluation: dict[str, Any]) -> str:
     )
 
 
+def _zero_shot_lines(zero_shot: dict[str, Any]) -> list[str]:
+    """Per task and metric (groups' subtasks left out) dense -> pruned, then the mean."""
+    before, after = zero_shot.get("before"), zero_shot["after"]
+    limit = f", limit {after.limit} per task" if after.limit is not None else ""
+    lines = [f"  lm-eval      {after.lm_eval_version}{limit} (dense -> pruned):"]
+    for score in (s for s in after.scores if s.subtask_of is None):
+        dense = before.score(score.task, score.metric) if before is not None else None
+        start = f"{dense.value:.4f} -> " if dense is not None else ""
+        lines.append(f"    {score.task} {score.metric}  {start}{score.value:.4f}")
+    mean = after.mean()
+    if mean is not None:
+        dense = before.mean(after.mean_metric) if before is not None else None
+        start = f"{dense:.4f} -> " if dense is not None else ""
+        count = len(after.mean_tasks())
+        lines.append(f"    mean {after.mean_metric} over {count} task{'s' * (count != 1)}  {start}{mean:.4f}")
+    return lines
+
+
 # --- the command --------------------------------------------------------------------------------------
 
 
@@ -288,8 +319,9 @@ def run(args: argparse.Namespace) -> None:
     target = output_folder(args.output, args.overwrite)
     device = device_flag(args.device)
     model, base_model = resolve_model(args.model)
+    tasks = zero_shot_options(args, prefix="eval-")
     pruner = load_pruner(model, config, device, args.dtype, base_model)
-    prune(pruner, calibration, windows)
+    prune(pruner, calibration, windows, tasks)
     target = save(pruner, target, args, base_model)
     total = time.perf_counter() - start
     print(prune_summary(pruner.report, base_model or model, target, args.save_format, total))

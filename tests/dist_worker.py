@@ -1,0 +1,93 @@
+"""One rank of a multi-process run for tests/test_distributed.py (launched like torchrun launches it:
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT`` in the environment).
+
+    python tests/dist_worker.py SCENARIO OUT_DIR
+
+``compare``: prune the cases of :data:`CASES` and save each rank's weights and report to ``OUT_DIR``.
+``fail_solve`` / ``fail_forward``: rank 1 raises inside a solve / a calibration forward.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import calibration_ids, make_tiny_model  # noqa: E402
+from moe_models import make_moe_model  # noqa: E402
+
+SMALL = dict(num_samples=8, sequence_length=32, batch_size=4, iterations=5, refit_iterations=5)
+CASES = {
+    "llama-50": ("llama", dict(pattern="unstructured")),
+    "llama-2:4": ("llama", dict(pattern="2:4")),
+    # default min_expert_tokens (128 > the ~64 routed tokens each expert gets): forced routing everywhere
+    "qwen3_moe-50": ("qwen3_moe", dict(pattern="unstructured")),
+    # routed statistics, three passes of three experts
+    "qwen3_moe-2:4": ("qwen3_moe", dict(pattern="2:4", min_expert_tokens=0, experts_per_pass=3)),
+}
+FAILURE = "injected failure on rank 1"
+
+
+def build(case: str):
+    from optimum_maiht import MAIHTConfig
+
+    family, options = CASES[case]
+    model = make_moe_model(family) if family in ("qwen3_moe",) else make_tiny_model(family)
+    return model, MAIHTConfig(**SMALL, **options)
+
+
+def prune(case: str):
+    """The model pruned (in this process, distributed or not) and its pruner."""
+    from optimum_maiht import MAIHTPruner
+
+    model, config = build(case)
+    pruner = MAIHTPruner(model, config)
+    pruner.prune(calibration_ids(), progress=False)
+    return model, pruner
+
+
+def compare(out: Path) -> None:
+    rank = int(os.environ["RANK"])
+    for case in CASES:
+        model, pruner = prune(case)
+        torch.save(
+            {"state": model.state_dict(), "report": pruner.report.to_dict()}, out / f"{case}-rank{rank}.pt"
+        )
+        folder = out / f"{case}-saved-rank{rank}"  # only rank 0 may write it
+        assert pruner.save_pretrained(folder) == folder.resolve()
+
+
+def fail(where: str) -> None:
+    import optimum_maiht.sequential as sequential
+
+    if int(os.environ["RANK"]) == 1:
+        if where == "solve":
+
+            def broken_solve(*args, **kwargs):
+                raise ValueError(FAILURE)
+
+            sequential._solve = broken_solve
+        else:
+            real = sequential.run_calibration
+            calls = []
+
+            def broken_forward(*args, **kwargs):
+                calls.append(1)
+                if len(calls) == 3:  # block 1's first pass: between two collective phases
+                    raise ValueError(FAILURE)
+                return real(*args, **kwargs)
+
+            sequential.run_calibration = broken_forward
+    prune("llama-50")
+
+
+if __name__ == "__main__":
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    if scenario == "compare":
+        compare(out_dir)
+    else:
+        fail(scenario.removeprefix("fail_"))

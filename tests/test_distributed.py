@@ -1,0 +1,175 @@
+"""Several processes (torch.distributed, gloo on the CPU): the same result as one process, failures shared.
+
+Each test launches 2 ranks the way ``torchrun`` does (``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` /
+``MASTER_ADDR`` / ``MASTER_PORT``) with ``tests/dist_worker.py``, and compares with one process run here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from dist_worker import CASES, FAILURE, prune
+from transformers import AutoModelForCausalLM
+
+from optimum_maiht import distributed
+from optimum_maiht.distributed import SINGLE, Distributed, plan_solves
+from optimum_maiht.report import PruneReport
+
+WORKER = Path(__file__).resolve().parent / "dist_worker.py"
+TIMEOUT = 120
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(scenario: str, out: Path, world_size: int = 2) -> list[subprocess.CompletedProcess]:
+    """Run the ranks to the end (killed after TIMEOUT seconds: a hang fails the test)."""
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": str(world_size),
+            "LOCAL_WORLD_SIZE": str(world_size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+            "OPTIMUM_MAIHT_DIST_TIMEOUT": "60",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(WORKER), scenario, str(out)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    deadline = time.monotonic() + TIMEOUT
+    results = []
+    for rank, proc in enumerate(procs):
+        try:
+            output, _ = proc.communicate(timeout=max(1.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {rank} did not finish within {TIMEOUT} s (hang)")
+        results.append(subprocess.CompletedProcess(proc.args, proc.returncode, output))
+    return results
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two-ranks")
+    results = launch("compare", out)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+    return out, results
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_two_processes_prune_like_one(case, two_ranks):
+    out, _ = two_ranks
+    model, pruner = prune(case)  # one process, here
+    single = pruner.report
+    ranks = [torch.load(out / f"{case}-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, tensor in ranks[0]["state"].items():  # both ranks hold the same pruned model
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+    report = PruneReport.from_dict(ranks[0]["report"])
+    assert report.world_size == 2 and single.world_size == 1
+    assert ranks[1]["report"]["layers"] == ranks[0]["report"]["layers"]
+    assert len(report.block_seconds) == len(single.block_seconds)
+
+    params = dict(model.named_parameters())
+    assert [layer.name for layer in report.layers] == [layer.name for layer in single.layers]
+    for mine, theirs in zip(single.layers, report.layers, strict=True):
+        assert (mine.tokens, mine.statistics, mine.shape) == (theirs.tokens, theirs.statistics, theirs.shape)
+        assert theirs.sparsity == pytest.approx(mine.sparsity, abs=1e-12), mine.name
+        assert theirs.error_before == pytest.approx(mine.error_before, rel=1e-4), mine.name
+        assert theirs.error_after == pytest.approx(mine.error_after, rel=1e-4), mine.name
+        assert len(theirs.history) == len(mine.history)
+        assert theirs.history == pytest.approx(mine.history, rel=1e-4), mine.name
+    for name, tensor in ranks[0]["state"].items():
+        if name in params and params[name].dim() >= 2:
+            agree = float(((tensor == 0) == (params[name] == 0)).float().mean())
+            assert agree >= 0.999, (name, agree)
+            assert torch.allclose(tensor, params[name], rtol=1e-3, atol=1e-5), name
+
+    # only rank 0 wrote its folder, and it loads
+    saved = out / f"{case}-saved-rank0"
+    assert not (out / f"{case}-saved-rank1").exists()
+    assert json.loads((saved / "maiht_report.json").read_text())["world_size"] == 2
+    if "moe" not in case:
+        AutoModelForCausalLM.from_pretrained(saved)
+
+
+@pytest.mark.parametrize("where", ["solve", "forward"])
+def test_a_failure_on_one_rank_stops_every_rank_with_its_message(where, tmp_path):
+    start = time.monotonic()
+    results = launch(f"fail_{where}", tmp_path)
+    assert time.monotonic() - start < TIMEOUT
+    for rank, result in enumerate(results):
+        assert result.returncode != 0, f"rank {rank} succeeded:\n{result.stdout[-3000:]}"
+        assert FAILURE in result.stdout, f"rank {rank}:\n{result.stdout[-3000:]}"
+    assert "ValueError: rank 1/2 failed: ValueError: " + FAILURE in results[0].stdout
+
+
+def test_single_process_takes_the_plain_path(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert distributed.current("cpu") is SINGLE
+    assert not torch.distributed.is_initialized()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert distributed.current("cpu") is SINGLE and not distributed.launched()
+
+
+def test_plan_spreads_the_cost_and_splits_only_row_separable_layers():
+    # Llama-3-8B block: q, k, v, o, gate, up, down
+    h, i, kv = 4096, 14336, 1024
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+    for world in (1, 2, 4, 8):
+        for split in (False, True):
+            pieces = plan_solves(shapes, world, split)
+            assert pieces == plan_solves(shapes, world, split)  # deterministic
+            for job, (out, _) in enumerate(shapes):  # every row of every layer exactly once
+                rows = sorted((p.start, p.stop) for p in pieces if p.job == job)
+                assert rows[0][0] == 0 and rows[-1][1] == out
+                assert all(a[1] == b[0] for a, b in zip(rows, rows[1:], strict=False))
+            if not split:
+                assert len(pieces) == len(shapes)
+            loads = [sum(p.cost for p in pieces if p.owner == r) for r in range(world)]
+            total = sum(loads)
+            if split:
+                assert max(loads) <= 1.1 * total / world, (world, loads)
+    unsplit = plan_solves(shapes, 4, False)
+    assert max(sum(p.cost for p in unsplit if p.owner == r) for r in range(4)) == unsplit[-1].cost  # down
+
+
+def test_windows_are_shared_out_whole_batches_first():
+    windows = torch.arange(10)[:, None]
+
+    def shards(world, batch):
+        parts = []
+        for rank in range(world):
+            fake = Distributed.__new__(Distributed)
+            fake.rank, fake.world_size = rank, world
+            parts.append(fake.shard_windows(windows, batch)[:, 0].tolist())
+        return parts
+
+    assert shards(2, 4) == [[0, 1, 2, 3], [4, 5, 6, 7, 8, 9]]
+    assert shards(3, 2) == [[0, 1], [2, 3, 4, 5], [6, 7, 8, 9]]
+    assert shards(4, 8) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
+    assert shards(12, 1)[10:] == [[8], [9]]
+    assert sum(shards(12, 1), []) == list(range(10))
