@@ -165,7 +165,7 @@ def run(out: Path, pattern: str, threads: int) -> None:
 
 def launch(pattern: str, processes: int, threads: int, folder: Path) -> dict:
     out = folder / f"{pattern.replace(':', 'of')}-{processes}p{threads}t.json"
-    me = [str(Path(__file__).resolve()), "--run", str(out), "--pattern", pattern, "--threads", str(threads)]
+    me = [str(Path(__file__).resolve()), "--record", str(out), "--pattern", pattern, "--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if processes == 1:
         command = [sys.executable, *me]
@@ -229,7 +229,7 @@ def markdown(result: dict) -> str:
             "using the same cores, not more hardware; `1 x 1` is the one-core baseline that the two "
             "processes should halve. On GPUs each process brings its own GPU.",
             "",
-            "Two processes against one (same pattern, `1 x 2` run as the reference):",
+            "Two processes against one (same pattern, `1 x 1` run as the reference):",
             "",
             "| pattern | masks equal | worst layer | max rel. error diff. | perplexity diff. |",
             "|---|---:|---:|---:|---:|",
@@ -282,12 +282,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--paper-only", action="store_true")
     parser.add_argument("--patterns", default="unstructured,2:4")
-    parser.add_argument("--run", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--pattern", default="unstructured", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.run:
-        run(args.run, args.pattern, args.threads)
+    if args.record:
+        run(args.record, args.pattern, args.threads)
         return
     result = {"machine": machine(), "versions": versions(), "command": command_line(), "paper": paper()}
     json_path = RESULTS_DIR / "distributed.json"
@@ -300,7 +300,7 @@ def main() -> None:
         result["measured"], result["comparisons"] = [], []
         with tempfile.TemporaryDirectory(prefix="maiht-dist-bench-") as tmp:
             for pattern in args.patterns.split(","):
-                runs = [(1, 2), (2, 1)] + ([(1, 1)] if pattern == "unstructured" else [])
+                runs = [(1, 1), (2, 1)] + ([(1, 2)] if pattern == "unstructured" else [])
                 records = [launch(pattern, p, t, Path(tmp)) for p, t in runs]
                 comparison = compare(records[0], records[1])
                 result["comparisons"].append({"pattern": pattern, **comparison})

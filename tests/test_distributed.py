@@ -25,6 +25,7 @@ from optimum_maiht.report import PruneReport
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
 TIMEOUT = 120
+OPTIMUM_TIMEOUT = distributed.TIMEOUT_ENV
 
 
 def free_port() -> int:
@@ -173,3 +174,35 @@ def test_windows_are_shared_out_whole_batches_first():
     assert shards(4, 8) == [[0, 1], [2, 3, 4], [5, 6], [7, 8, 9]]
     assert shards(12, 1)[10:] == [[8], [9]]
     assert sum(shards(12, 1), []) == list(range(10))
+
+
+@pytest.mark.slow
+def test_optimum_cli_under_torchrun(tmp_path):
+    """``torchrun --nproc_per_node 2 $(command -v optimum-cli) maiht prune``: one folder written by rank 0,
+    the summary printed once, the report's world size 2, every pruned layer at a valid 2:4."""
+    from conftest import make_tiny_model, make_tokenizer
+
+    from optimum_maiht.data import bundled_text
+
+    make_tiny_model("llama").save_pretrained(tmp_path / "tiny")
+    make_tokenizer().save_pretrained(tmp_path / "tiny")
+    (tmp_path / "calib.txt").write_text(bundled_text("wikitext2")[:8000], encoding="utf-8")
+    cli = Path(sys.executable).with_name("optimum-cli")
+    command = [
+        *[sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(cli)],
+        *["maiht", "prune", "--model", "tiny", "--output", "out", "--pattern", "2:4", "--device", "cpu"],
+        *["--dataset", "calib.txt", "--num-samples", "8", "--sequence-length", "32", "--batch-size", "2"],
+        *["--iterations", "5", "--refit-iterations", "5"],
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", OPTIMUM_TIMEOUT: "60"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count("mAIHT pruning done") == 1, result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out", "tiny"]
+    report = PruneReport.from_dict(json.loads((tmp_path / "out" / "maiht_report.json").read_text()))
+    assert report.world_size == 2 and report.pruned
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    params = dict(model.named_parameters())
+    for layer in report.pruned:
+        weight = params[f"{layer.name}.weight"]
+        assert int((weight.reshape(-1, 4) != 0).sum(dim=1).max()) <= 2, layer.name

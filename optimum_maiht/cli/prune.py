@@ -311,7 +311,9 @@ def _zero_shot_lines(zero_shot: dict[str, Any]) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> None:
-    """Check every flag, then load, prune (and evaluate), save, print the summary, push."""
+    """Check every flag, then load, prune (and evaluate), save, print the summary, push. Under ``torchrun``
+    every process runs this; rank 0 reads the data, saves, prints and pushes (docs/design.md, "Several
+    processes")."""
     start = time.perf_counter()
     config = build_config(args)
     windows = evaluation_windows(args, prefix="eval-") if args.eval else None
@@ -323,6 +325,10 @@ def run(args: argparse.Namespace) -> None:
     pruner = load_pruner(model, config, device, args.dtype, base_model)
     prune(pruner, calibration, windows, tasks)
     target = save(pruner, target, args, base_model)
+    from optimum_maiht.distributed import is_main_process
+
+    if not is_main_process():  # under torchrun, rank 0 alone saved; it alone reports and pushes
+        return
     total = time.perf_counter() - start
     print(prune_summary(pruner.report, base_model or model, target, args.save_format, total))
     if args.push_to_hub:
