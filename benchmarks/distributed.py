@@ -165,7 +165,8 @@ def run(out: Path, pattern: str, threads: int) -> None:
 
 def launch(pattern: str, processes: int, threads: int, folder: Path) -> dict:
     out = folder / f"{pattern.replace(':', 'of')}-{processes}p{threads}t.json"
-    me = [str(Path(__file__).resolve()), "--record", str(out), "--pattern", pattern, "--threads", str(threads)]
+    me = [str(Path(__file__).resolve()), "--record", str(out), "--pattern", pattern]
+    me += ["--threads", str(threads)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if processes == 1:
         command = [sys.executable, *me]
