@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +94,20 @@ def calibration_ids(n: int = 8, seq: int = 32, seed: int = 0) -> torch.Tensor:
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder``."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+def assert_same_model(expected, loaded) -> None:
+    """Same state dict (keys, dtypes, values) and the same logits on a few calibration windows."""
+    want, got = expected.state_dict(), loaded.state_dict()
+    assert want.keys() == got.keys()
+    for name, tensor in want.items():
+        assert got[name].dtype == tensor.dtype, name
+        assert torch.equal(got[name], tensor), name
+    ids = calibration_ids(2, 16)
+    with torch.no_grad():
+        assert torch.equal(expected(ids).logits, loaded(ids).logits)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calibration_ids, make_tiny_model
+from conftest import assert_same_model, calibration_ids, folder_bytes, make_tiny_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -37,21 +37,6 @@ def prune(model, pattern: str) -> dict[str, tuple[int, int] | None]:
     layers = {f"{r.name}.weight": config.nm for r in pruner.report.pruned}
     assert layers
     return layers
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def assert_same_model(expected, loaded) -> None:
-    want, got = expected.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys()
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype, name
-        assert torch.equal(got[name], tensor), name
-    ids = calibration_ids(2, 16)
-    with torch.no_grad():
-        assert torch.equal(expected(ids).logits, loaded(ids).logits)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

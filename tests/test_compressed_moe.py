@@ -5,11 +5,11 @@ version, size and the argument checks."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
-from conftest import calibration_ids
+from conftest import assert_same_model, folder_bytes
+from moe_models import make_moe_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -25,44 +25,6 @@ from optimum_maiht.compressed import (
 from optimum_maiht.modeling import MAIHTModelForCausalLM
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4)}
-
-
-def make_moe(family: str):
-    """A tiny random MoE causal LM; GPT-OSS gets a non-square intermediate size (48 != 64), so that a
-    transposition error changes shapes, not only values."""
-    import transformers
-
-    common = dict(
-        vocab_size=128,
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=128,
-    )
-    if family == "mixtral":
-        config = transformers.MixtralConfig(**common, intermediate_size=32)
-    else:
-        config = transformers.GptOssConfig(
-            **common,
-            intermediate_size=48,
-            head_dim=16,
-            sliding_window=16,
-            layer_types=["sliding_attention", "full_attention"],
-            rope_parameters={
-                "rope_type": "yarn",
-                "factor": 4.0,
-                "beta_fast": 32.0,
-                "beta_slow": 1.0,
-                "truncate": False,
-                "original_max_position_embeddings": 32,
-                "rope_theta": 150000.0,
-            },
-        )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config).eval()
 
 
 def fused_experts(model) -> dict[str, bool]:
@@ -97,7 +59,7 @@ def sparsify(param: torch.Tensor, in_out: bool, pattern: tuple[int, int] | None)
 def sparsified_moe(family: str, pattern: str) -> tuple[torch.nn.Module, dict, list[str]]:
     """A model whose fused experts (and one attention projection) are sparse; ``sparse_layers`` and
     ``transposed`` for :func:`save_compressed`."""
-    model = make_moe(family)
+    model = make_moe_model(family)
     experts = fused_experts(model)
     with torch.no_grad():
         for name, in_out in experts.items():
@@ -107,21 +69,6 @@ def sparsified_moe(family: str, pattern: str) -> tuple[torch.nn.Module, dict, li
     layers = {name: PATTERNS[pattern] for name in experts}
     layers["model.layers.0.self_attn.q_proj.weight"] = PATTERNS[pattern]
     return model, layers, [name for name, in_out in experts.items() if in_out]
-
-
-def folder_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
-
-
-def assert_same_model(expected, loaded) -> None:
-    want, got = expected.state_dict(), loaded.state_dict()
-    assert want.keys() == got.keys()
-    for name, tensor in want.items():
-        assert got[name].dtype == tensor.dtype and got[name].shape == tensor.shape, name
-        assert torch.equal(got[name], tensor), name
-    ids = calibration_ids(2, 16)
-    with torch.no_grad():
-        assert torch.equal(expected(ids).logits, loaded(ids).logits)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
