@@ -296,18 +296,50 @@ def save_compressed(
     folder = Path(folder)
     _refuse_existing_weights(folder)
     state_dict = _state_dict_in_memory(model)
-    aliases = _tied_aliases(model, state_dict)
-    targets = _plan_targets(model, state_dict, aliases, sparse_layers, transposed)
-    tensors, layers = _encode_state_dict(state_dict, aliases, targets)
-    version = _EXPERTS_VERSION if any(state_dict[name].dim() == 3 for name in targets) else _FIRST_VERSION
+    plan = plan_compression(model, state_dict, sparse_layers, transposed)
+    tensors, layers = plan.encode(state_dict)
 
     folder.mkdir(parents=True, exist_ok=True)
-    split = _write_shards(folder, tensors, max_shard_size, version)
-    _write_index(folder, split, layers, aliases, version)
-    _write_configs(model, folder)
+    split = _write_shards(folder, tensors, max_shard_size, plan.version)
+    write_index(folder, split, layers, plan.aliases, plan.version)
+    write_configs(model, folder)
     logger.info(
         "saved %d compressed layers in %d shard(s) to %s", len(layers), len(split.filename_to_tensors), folder
     )
+
+
+@dataclass(frozen=True)
+class CompressionPlan:
+    """How a model's state dict is written: the tied aliases left out, the encoding of each pruned weight,
+    and the format version. Streaming (:mod:`optimum_maiht.streaming`) encodes one block at a time with
+    it; :func:`save_compressed` the whole state dict at once."""
+
+    aliases: dict[str, str]
+    targets: dict[str, _Target]
+    version: int
+
+    def encode(self, state_dict: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, dict[str, Any]]]:
+        """The tensors to write for (part of) the state dict, in its order, and their index ``layers``."""
+        return _encode_state_dict(state_dict, self.aliases, self.targets)
+
+    @property
+    def shard_metadata(self) -> dict[str, str]:
+        """The safetensors metadata of every shard."""
+        return {"format": "pt", "maiht_format": MAIHT_FORMAT, "maiht_format_version": str(self.version)}
+
+
+def plan_compression(
+    model: nn.Module,
+    state_dict: dict[str, Tensor],
+    sparse_layers: Mapping[str, tuple[int, int] | None],
+    transposed: Collection[str] = (),
+) -> CompressionPlan:
+    """Check ``sparse_layers`` / ``transposed`` against the model and plan the encoding (see
+    :func:`save_compressed`); the state dict's tensors may be on the meta device (only shapes are read)."""
+    aliases = _tied_aliases(model, state_dict)
+    targets = _plan_targets(model, state_dict, aliases, sparse_layers, transposed)
+    version = _EXPERTS_VERSION if any(state_dict[name].dim() == 3 for name in targets) else _FIRST_VERSION
+    return CompressionPlan(aliases, targets, version)
 
 
 def _refuse_existing_weights(folder: Path) -> None:
@@ -336,12 +368,15 @@ def _tied_aliases(model: nn.Module, state_dict: dict[str, Tensor]) -> dict[str, 
     """``{alias: kept name}`` for state-dict entries that are the same tensor (tied weights): written once.
 
     Like transformers, the name kept is the tie's source (``model.all_tied_weights_keys`` maps target ->
-    source); without that information, the first name in sorted order.
+    source); without that information, the first name in sorted order. A tensor on the meta device (a
+    block not loaded, when streaming) has no storage: it is recognised by the model's parameter object.
     """
     declared = getattr(model, "all_tied_weights_keys", None) or {}
     groups: dict[tuple, list[str]] = {}
     for name, tensor in state_dict.items():
-        if tensor.numel():
+        if tensor.device.type == "meta":
+            groups.setdefault(("meta", id(model.get_parameter_or_buffer(name))), []).append(name)
+        elif tensor.numel():
             key = (
                 tensor.device,
                 tensor.untyped_storage().data_ptr(),
@@ -488,13 +523,13 @@ def _write_shards(
     split = split_torch_state_dict_into_shards(
         tensors, filename_pattern=COMPRESSED_WEIGHTS_PATTERN, max_shard_size=max_shard_size
     )
-    metadata = {"format": "pt", "maiht_format": MAIHT_FORMAT, "maiht_format_version": str(version)}
+    metadata = CompressionPlan({}, {}, version).shard_metadata
     for filename, names in split.filename_to_tensors.items():
         save_file({n: tensors[n].contiguous() for n in names}, str(folder / filename), metadata=metadata)
     return split
 
 
-def _write_index(
+def write_index(
     folder: Path,
     split: StateDictSplit,
     layers: dict[str, dict[str, Any]],
@@ -514,7 +549,7 @@ def _write_index(
     (folder / COMPRESSED_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_configs(model: nn.Module, folder: Path) -> None:
+def write_configs(model: nn.Module, folder: Path) -> None:
     """``config.json`` with the ``transformers_weights`` marker, and ``generation_config.json``."""
     model.config.save_pretrained(folder)
     config_path = folder / "config.json"

@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from .configuration import MAIHTConfig
 from .constants import DEFAULT_CALIBRATION_TEXT
 from .data import CalibrationData, describe_data, prepare_calibration, split_of
-from .distributed import Parallel, current, is_main_process, local_device
+from .distributed import SINGLE, Parallel, current, is_main_process, local_device
 from .model_utils import check_model_source, resolve_device
 from .report import LayerReport, PruneReport, library_versions
-from .sequential import prune_sequential
+from .sequential import IN_MEMORY, BlockStore, prune_sequential
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,9 @@ class MAIHTPruner:
     >>> pruner = MAIHTPruner.from_pretrained("HuggingFaceTB/SmolLM2-135M", MAIHTConfig(pattern="2:4"))
     >>> model = pruner.prune(["some calibration text", ...])
     >>> pruner.save_pretrained("smollm2-maiht-2of4")
+
+    A model larger than host memory is streamed from its checkpoint, block by block, straight into the
+    output folder (and a killed run resumed): :meth:`prune_to_folder`.
     """
 
     def __init__(
@@ -40,6 +43,7 @@ class MAIHTPruner:
         config: MAIHTConfig | None = None,
         tokenizer: Any | None = None,
         device: str | torch.device | None = None,
+        offload_activations: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch / transformers model, got {type(model).__name__}")
@@ -50,6 +54,9 @@ class MAIHTPruner:
         self.tokenizer = tokenizer
         self.device = local_device(resolve_device(device))
         """The compute device; under ``torchrun`` a bare ``"cuda"`` means ``cuda:LOCAL_RANK``."""
+        self.offload_activations = offload_activations
+        """Keep the calibration activations on the CPU while the blocks run on the GPU: ``True``, ``False``,
+        or ``None`` (when they would take more than half of the GPU's free memory); no-op on a CPU."""
         self.report: PruneReport | None = None
         """The report of the last :meth:`prune` (``None`` before it)."""
 
@@ -61,21 +68,86 @@ class MAIHTPruner:
         *,
         tokenizer: Any | None = None,
         device: str | torch.device | None = None,
+        offload_activations: bool | None = None,
         **model_kwargs: Any,
     ) -> MAIHTPruner:
         """Load from a Hub id or a local folder (``model_kwargs`` go to ``AutoModelForCausalLM``), or wrap
-        an already loaded model. The tokenizer is loaded from the same place when there is one."""
+        an already loaded model. The tokenizer is loaded from the same place when there is one. The whole
+        model is held in memory; for a model larger than host memory see :meth:`prune_to_folder`."""
         if isinstance(model_or_path, nn.Module):
             source = getattr(getattr(model_or_path, "config", None), "name_or_path", None)
             if tokenizer is None and source and Path(source).is_dir():
                 tokenizer = _try_tokenizer(source)
-            return cls(model_or_path, config, tokenizer, device)
+            return cls(model_or_path, config, tokenizer, device, offload_activations)
         from transformers import AutoModelForCausalLM
 
         folder = check_model_source(model_or_path)
         source = str(folder) if folder is not None else str(model_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
-        return cls(model, config, tokenizer if tokenizer is not None else _try_tokenizer(source), device)
+        tokenizer = tokenizer if tokenizer is not None else _try_tokenizer(source)
+        return cls(model, config, tokenizer, device, offload_activations)
+
+    @classmethod
+    def prune_to_folder(
+        cls,
+        model: str | os.PathLike,
+        save_directory: str | os.PathLike,
+        config: MAIHTConfig | None = None,
+        calibration_dataset: CalibrationData | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        save_format: str = "dense",
+        max_shard_size: str | int = "5GB",
+        model_card: dict[str, Any] | None = None,
+        tokenizer: Any | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype = "auto",
+        offload_activations: bool | None = None,
+        base_model: str | None = None,
+        progress: bool = True,
+    ) -> PruneReport:
+        """Prune a model larger than host memory, streaming it block by block from its safetensors
+        checkpoint (a local folder or a Hub id) into ``save_directory``; return the report.
+
+        Only the weights outside the decoder blocks, a block or two and the calibration activations are
+        held in memory (docs/design.md, "Streaming and resume"). The folder written is the one
+        :meth:`prune` then :meth:`save_pretrained` would write (same tensors, shards, card), atomically.
+        After every block the state is kept in ``<save_directory>.maiht-partial``; ``resume=True``
+        continues a killed run from there (refused, saying what differs, when the model, dtype, data,
+        configuration or library versions changed) and ends bit-identical to an uninterrupted run. An
+        existing partial folder without ``resume=True`` is an error. ``dtype``: as transformers'
+        (``"auto"``: the checkpoint's). ``base_model``: the Hub id to name in the report and card when
+        ``model`` is a local copy. Other arguments as in :meth:`prune` and :meth:`save_pretrained`.
+        Not for fused mixture-of-experts models nor under ``torchrun``: load those in memory.
+        """
+        from .serialization import save_pruned
+        from .streaming import StreamingStore
+
+        store = StreamingStore.open(model, save_directory, resume=resume, overwrite=overwrite, dtype=dtype)
+        if base_model is not None:
+            store.model.config.name_or_path = base_model
+        if tokenizer is None:
+            tokenizer = _try_tokenizer(str(store.checkpoint.folder))
+        pruner = cls(store.model, config, tokenizer, device, offload_activations)
+        if calibration_dataset is None:
+            logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
+            calibration_dataset = DEFAULT_CALIBRATION_TEXT
+        pruner._prune(SINGLE, calibration_dataset, None, None, None, progress, store)
+        save_pruned(
+            save_directory,
+            store.model,
+            pruner.config,
+            pruner.report,
+            tokenizer=tokenizer,
+            save_format=save_format,
+            overwrite=overwrite,
+            max_shard_size=max_shard_size,
+            model_card=model_card,
+            write_weights=store.write_weights,
+        )
+        store.close()
+        return pruner.report
 
     @property
     def layer_reports(self) -> list[LayerReport]:
@@ -155,6 +227,7 @@ class MAIHTPruner:
         eval_sequence_length: int | None,
         eval_max_windows: int | None,
         progress: bool,
+        store: BlockStore = IN_MEMORY,
     ) -> nn.Module:
         progress = progress and parallel.is_main
         evaluate = eval_dataset is not None
@@ -183,7 +256,16 @@ class MAIHTPruner:
         was_training = self.model.training
         self.model.eval()
         try:
-            result = prune_sequential(self.model, input_ids, self.config, self.device, progress, parallel)
+            result = prune_sequential(
+                self.model,
+                input_ids,
+                self.config,
+                self.device,
+                progress,
+                parallel,
+                store,
+                self.offload_activations,
+            )
         finally:
             self.model.train(was_training)
         self.report = PruneReport(

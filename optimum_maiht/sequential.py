@@ -57,13 +57,20 @@ class _BlockCall:
 
 
 def capture_block_inputs(
-    model: nn.Module, blocks: nn.ModuleList, input_ids: Tensor, batch_size: int, device: torch.device
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    input_ids: Tensor,
+    batch_size: int,
+    device: torch.device,
+    activations: torch.device | None = None,
 ) -> tuple[list[Tensor], list[list[_BlockCall]]]:
-    """Block 0's input hidden states per batch, and every block's recorded call per batch.
+    """Block 0's input hidden states per batch (kept on ``activations``, default ``device``), and every
+    block's recorded call per batch.
 
     The blocks are replaced by recorders that pass the hidden states through unchanged, so one cheap
     forward per batch (embeddings and whatever the backbone computes between blocks) records exactly what
-    each block receives; the last recorder stops the forward before the LM head.
+    each block receives; the last recorder stops the forward before the LM head. Block 0 runs once for
+    real (it must be loaded, on ``device``) to learn what the model expects a block to return.
     """
     hidden: list[Tensor] = []
     calls: list[list[_BlockCall]] = [[] for _ in blocks]
@@ -76,7 +83,7 @@ def capture_block_inputs(
             rest = args if by_keyword else args[1:]
             calls[i].append(_BlockCall(rest, kwargs, by_keyword))
             if i == 0:
-                hidden.append(h)
+                hidden.append(h if activations is None else h.to(activations))
                 if not tuple_tail:
                     real = (
                         real_forward(*rest, hidden_states=h, **kwargs)
@@ -184,6 +191,77 @@ class SequentialResult:
     block_seconds: list[float] = field(default_factory=list)
 
 
+@dataclass
+class FinishedBlock:
+    """A block pruned by an earlier, interrupted run: its reports and wall time (docs/design.md,
+    "Streaming and resume")."""
+
+    layers: list[LayerReport]
+    seconds: float
+
+
+class BlockStore:
+    """Where the decoder blocks' weights live, around the per-block loop of :func:`prune_sequential`.
+
+    This base class is the in-memory path: the whole model is loaded and every hook does nothing.
+    :class:`optimum_maiht.streaming.StreamingStore` reads each block from the checkpoint before its turn,
+    writes it out when pruned and releases it, and resumes an interrupted run.
+    """
+
+    def begin(self, input_ids: Tensor, config: MAIHTConfig) -> None:
+        """Called once with the calibration windows and the configuration, before any block is loaded."""
+
+    def finished(self, index: int) -> FinishedBlock | None:
+        """The record of block ``index`` when an earlier run already pruned it (then :meth:`load` gives its
+        pruned weights and the block is only run to propagate the activations); ``None``: prune it."""
+        return None
+
+    def load(self, index: int, block: nn.Module) -> None:
+        """Give block ``index`` real weights on the CPU (no-op when it has them)."""
+
+    def done(self, index: int, block: nn.Module, record: FinishedBlock) -> None:
+        """Block ``index`` is pruned (its weights back on the CPU)."""
+
+    def release(self, index: int, block: nn.Module) -> None:
+        """Block ``index`` is no longer needed."""
+
+
+IN_MEMORY = BlockStore()
+
+OFFLOAD_SHARE = 0.5
+"""``offload_activations=None`` keeps the activations on the GPU while they take at most this share of
+its free memory (the block, its Gram matrices and the solver need the rest)."""
+
+
+def activations_device(
+    model: nn.Module, input_ids: Tensor, device: torch.device, offload: bool | None
+) -> torch.device | None:
+    """Where the calibration activations live between blocks: ``None`` (on ``device``) or the CPU.
+
+    ``offload=None`` decides by size: the CPU when the activations (input and output of a block:
+    ``2 * windows * length * hidden`` elements) would take more than :data:`OFFLOAD_SHARE` of the free
+    memory of the CUDA ``device``. On a CPU device there is nothing to offload.
+    """
+    if device.type != "cuda" or offload is False:
+        return None
+    if offload is None:
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        if not isinstance(hidden, int):
+            return None
+        needed = 2 * input_ids.numel() * hidden * dtype.itemsize
+        free, _ = torch.cuda.mem_get_info(device)
+        if needed <= OFFLOAD_SHARE * free:
+            return None
+        logger.info(
+            "calibration activations (%.2f GiB) kept on the CPU: more than %d%% of the GPU's free %.2f GiB",
+            needed / 2**30,
+            100 * OFFLOAD_SHARE,
+            free / 2**30,
+        )
+    return torch.device("cpu")
+
+
 def prune_sequential(
     model: nn.Module,
     input_ids: Tensor,
@@ -191,32 +269,45 @@ def prune_sequential(
     device: torch.device,
     progress: bool = True,
     parallel: Parallel = SINGLE,
+    store: BlockStore = IN_MEMORY,
+    offload_activations: bool | None = None,
 ) -> SequentialResult:
     """Prune ``model`` in place, block by block; return a report per target (a linear layer or an expert's
     slice of a fused parameter), the other matrices inside the blocks (kept dense, with the reason) and the
     time per block. ``parallel`` (:mod:`optimum_maiht.distributed`): under ``torchrun``, this rank's share
-    of the windows is calibrated here and the statistics and solves are shared with the other ranks."""
+    of the windows is calibrated here and the statistics and solves are shared with the other ranks.
+    ``store``: where the blocks' weights come from and go to (default: the model in memory; streaming
+    from a checkpoint and resuming, :mod:`optimum_maiht.streaming`). ``offload_activations``: keep the
+    calibration activations on the CPU between uses (``None``: when they would crowd the GPU)."""
     blocks_name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, blocks_name, blocks, config)
     kept = kept_dense_weights(blocks_name, blocks, targets, config)
-    home = next(model.parameters()).device
+    home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    store.begin(input_ids, config)
+    parked = activations_device(model, input_ids, device, offload_activations)
 
+    store.load(0, blocks[0])
     _move_outside_blocks(model, blocks, device)
+    blocks[0].to(device)
     try:
         shard = parallel.shard_windows(input_ids, config.batch_size)
-        hidden, calls = capture_block_inputs(model, blocks, shard, config.batch_size, device)
+        hidden, calls = capture_block_inputs(model, blocks, shard, config.batch_size, device, parked)
     finally:
         _move_outside_blocks(model, blocks, home)
+        blocks[0].to(home)
 
     result = SequentialResult(layers=[], kept_dense=kept)
     bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not progress)
     with eager_experts(model) if any(t.experts for t in targets) else contextlib.nullcontext():
         for i in bar:
             start = time.perf_counter()
+            bar.set_postfix_str(f"layer {i}" + (f", {result.block_seconds[-1]:.1f} s/block" if i else ""))
+            store.load(i, blocks[i])
             block = blocks[i].to(device)
-            run_block = functools.partial(run_calibration, block, hidden, calls[i])
-            result.layers += _prune_block(targets[i], run_block, config, parallel)
-            hidden = run_calibration(block, hidden, calls[i])
+            finished = store.finished(i)
+            run_block = functools.partial(run_calibration, block, hidden, calls[i], device=device)
+            layers = _prune_block(targets[i], run_block, config, parallel) if finished is None else []
+            hidden = run_calibration(block, hidden, calls[i], device=device)
             if not all(bool(torch.isfinite(h).all()) for h in hidden):
                 logger.warning(
                     "block %d produced non-finite activations (fp16 overflow?); those tokens are left "
@@ -224,7 +315,12 @@ def prune_sequential(
                     i,
                 )
             blocks[i].to(home)
-            result.block_seconds.append(round(time.perf_counter() - start, 3))
+            if finished is None:
+                finished = FinishedBlock(layers, round(time.perf_counter() - start, 3))
+                store.done(i, blocks[i], finished)
+            store.release(i, blocks[i])
+            result.layers += finished.layers
+            result.block_seconds.append(finished.seconds)
     return result
 
 
@@ -233,13 +329,16 @@ def run_calibration(
     hidden: list[Tensor],
     calls: list[_BlockCall],
     after_batch: Callable[[], None] | None = None,
+    device: torch.device | None = None,
 ) -> list[Tensor]:
     """Run every calibration batch through ``block`` (no grad) and return its outputs; ``after_batch`` is
-    called after each batch (the Gram collector's bookkeeping)."""
+    called after each batch (the Gram collector's bookkeeping). With ``device``, each batch is moved there
+    for the block and its output back to where the batch was (activations offloaded to the CPU)."""
     outputs = []
     with torch.no_grad():
         for h, call in zip(hidden, calls, strict=True):
-            outputs.append(call.run(block, h))
+            out = call.run(block, h if device is None else h.to(device))
+            outputs.append(out.to(h.device))
             if after_batch is not None:
                 after_batch()
     return outputs

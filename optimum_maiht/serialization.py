@@ -14,7 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,10 @@ from .constants import CONFIG_ANNOTATION_KEY, CONFIG_NAME, REPORT_NAME, SAVE_FOR
 from .report import PruneReport
 
 logger = logging.getLogger(__name__)
+
+WeightsWriter = Callable[[Path, nn.Module, MAIHTConfig, PruneReport, str, "str | int"], None]
+"""``(folder, model, config, report, save_format, max_shard_size)``: writes the weights and the model's
+``config.json`` / ``generation_config.json`` into ``folder``."""
 
 
 def check_output_folder(save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -95,19 +99,23 @@ def save_pruned(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     model_card: dict[str, Any] | None = None,
+    write_weights: WeightsWriter | None = None,
 ) -> Path:
     """Write a pruned model's folder atomically and return its resolved path.
 
     ``save_format="dense"``: transformers safetensors with exact zeros (plain ``AutoModelForCausalLM``
     loads it); ``"compressed"``: kept values plus packed masks for every pruned layer of ``report``.
     ``model_card``: keyword arguments of :func:`optimum_maiht.model_card.render_model_card`.
+    ``write_weights``: what writes the weights, ``config.json`` and ``generation_config.json`` into the
+    temporary folder (default: from the model in memory; streaming passes its own, which copies the pruned
+    blocks from disk, docs/design.md "Streaming and resume").
     """
     from .model_card import write_model_card
 
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
     with atomic_directory(save_directory, overwrite=overwrite) as tmp:
-        _write_weights(tmp, model, config, report, save_format, max_shard_size)
+        (write_weights or _write_weights)(tmp, model, config, report, save_format, max_shard_size)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
@@ -132,11 +140,18 @@ def _write_weights(
         return
     from .compressed import save_compressed
 
+    pruned, transposed = compressed_layers(config, report)
+    save_compressed(model, folder, pruned, max_shard_size=max_shard_size, transposed=transposed)
+
+
+def compressed_layers(config: MAIHTConfig, report: PruneReport) -> tuple[dict[str, Any], set[str]]:
+    """``save_compressed``'s ``sparse_layers`` (parameter name -> N:M pattern or ``None``) and
+    ``transposed`` (fused expert weights stored (in, out)) for the pruned layers of ``report``."""
     pruned = {_parameter_name(layer.name): config.nm for layer in report.pruned}
     transposed = {
         _parameter_name(layer.name) for layer in report.pruned if layer.transposed and "[" in layer.name
     }
-    save_compressed(model, folder, pruned, max_shard_size=max_shard_size, transposed=transposed)
+    return pruned, transposed
 
 
 def _parameter_name(layer_name: str) -> str:

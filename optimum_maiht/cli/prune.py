@@ -75,6 +75,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder to save the pruned model in (must be empty or new)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    memory = parser.add_argument_group(
+        "memory",
+        "by default the model is streamed block by block from its safetensors checkpoint (host memory: the "
+        "weights outside the decoder blocks, a block or two and the activations), the state kept after "
+        "every block in OUTPUT.maiht-partial; --eval, --eval-tasks and torchrun load it whole",
+    )
+    memory.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="load the whole model into host memory instead of streaming it (needed for fused "
+        "mixture-of-experts models)",
+    )
+    memory.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed streaming run from OUTPUT.maiht-partial (same model, data, config and "
+        "versions: checked); without a partial folder, start from the first block",
+    )
+    memory.add_argument(
+        "--offload-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the calibration activations on the CPU while the blocks run on the GPU (default: when "
+        "they would take more than half of the GPU's free memory; no effect on a CPU)",
+    )
     parser.add_argument(
         "--config",
         default=None,
@@ -179,12 +204,19 @@ def resolve_model(model: str | None) -> tuple[str, str | None]:
 
 
 def load_pruner(
-    model: str, config: MAIHTConfig, device: Any, dtype: str, base_model: str | None
+    model: str,
+    config: MAIHTConfig,
+    device: Any,
+    dtype: str,
+    base_model: str | None,
+    offload_activations: bool | None = None,
 ) -> MAIHTPruner:
-    """``MAIHTPruner.from_pretrained`` on ``device`` in ``--dtype``."""
+    """``MAIHTPruner.from_pretrained`` (the whole model in memory) on ``device`` in ``--dtype``."""
     from optimum_maiht import MAIHTPruner
 
-    pruner = MAIHTPruner.from_pretrained(model, config, device=device, dtype=dtype_flag(dtype))
+    pruner = MAIHTPruner.from_pretrained(
+        model, config, device=device, dtype=dtype_flag(dtype), offload_activations=offload_activations
+    )
     if base_model is not None:  # the report and model card name the Hub model, not the local cache folder
         pruner.model.config.name_or_path = base_model
     return pruner
@@ -212,13 +244,69 @@ def prune(
 
 def save(pruner: MAIHTPruner, target: Path, args: argparse.Namespace, base_model: str | None) -> Path:
     """``pruner.save_pretrained``; the demo model's card names its Hub model and licence."""
-    card = None
-    if base_model is not None:
-        from optimum_maiht.demo import demo_license
-
-        card = {"base_model": base_model, "license": demo_license()}
     return pruner.save_pretrained(
-        target, overwrite=args.overwrite, save_format=args.save_format, model_card=card
+        target, overwrite=args.overwrite, save_format=args.save_format, model_card=card_options(base_model)
+    )
+
+
+def card_options(base_model: str | None) -> dict[str, Any] | None:
+    """The demo model's card names its Hub model and licence."""
+    if base_model is None:
+        return None
+    from optimum_maiht.demo import demo_license
+
+    return {"base_model": base_model, "license": demo_license()}
+
+
+def streams(args: argparse.Namespace) -> bool:
+    """Whether to stream the model from its checkpoint (the default): not with ``--no-stream``, nor with
+    an evaluation (it needs the whole model), nor under ``torchrun`` (every rank holds the model). A
+    ``--resume`` that cannot stream is refused."""
+    from optimum_maiht.distributed import launched
+
+    reason = None
+    if args.no_stream:
+        reason = "--no-stream"
+    elif args.eval or args.eval_tasks:
+        reason = "--eval" if args.eval else "--eval-tasks"
+    elif launched():
+        reason = "torchrun"
+    if reason is not None and args.resume:
+        raise CLIError(f"--resume continues a streaming run, which {reason} turns off; drop one of them")
+    return reason is None
+
+
+def prune_streaming(
+    model: str,
+    config: MAIHTConfig,
+    device: Any,
+    calibration: str,
+    target: Path,
+    args: argparse.Namespace,
+    base_model: str | None,
+) -> PruneReport:
+    """``MAIHTPruner.prune_to_folder``: block by block from the checkpoint into ``target``."""
+    from optimum_maiht import MAIHTPruner
+    from optimum_maiht.streaming import partial_folder
+
+    print(
+        f"streaming {model} block by block into {target}; state kept in {partial_folder(target)} "
+        "(continue a killed run with --resume)",
+        file=sys.stderr,
+    )
+    return MAIHTPruner.prune_to_folder(
+        model,
+        target,
+        config,
+        calibration,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        save_format=args.save_format,
+        model_card=card_options(base_model),
+        device=device,
+        dtype=dtype_flag(args.dtype),
+        offload_activations=args.offload_activations,
+        base_model=base_model,
     )
 
 
@@ -322,15 +410,19 @@ def run(args: argparse.Namespace) -> None:
     device = device_flag(args.device)
     model, base_model = resolve_model(args.model)
     tasks = zero_shot_options(args, prefix="eval-")
-    pruner = load_pruner(model, config, device, args.dtype, base_model)
-    prune(pruner, calibration, windows, tasks)
-    target = save(pruner, target, args, base_model)
+    if streams(args):
+        report = prune_streaming(model, config, device, calibration, target, args, base_model)
+    else:
+        pruner = load_pruner(model, config, device, args.dtype, base_model, args.offload_activations)
+        prune(pruner, calibration, windows, tasks)
+        target = save(pruner, target, args, base_model)
+        report = pruner.report
     from optimum_maiht.distributed import is_main_process
 
     if not is_main_process():  # under torchrun, rank 0 alone saved; it alone reports and pushes
         return
     total = time.perf_counter() - start
-    print(prune_summary(pruner.report, base_model or model, target, args.save_format, total))
+    print(prune_summary(report, base_model or model, target, args.save_format, total))
     if args.push_to_hub:
         push(target, args.push_to_hub, args.private)
 
