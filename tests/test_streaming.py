@@ -237,6 +237,26 @@ def test_unsupported_models_and_missing_weights_name_the_in_memory_path(
     assert not (tmp_path / "out").exists() and not partial_folder(tmp_path / "out").exists()
 
 
+def test_a_hub_id_is_downloaded_first_and_named_in_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub
+
+    source = make_checkpoint(tmp_path / "src")
+    asked = []
+
+    def snapshot_download(repo_id, **kwargs):
+        asked.append((repo_id, kwargs))
+        return str(source)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    report = streamed("someone/tiny-llama", tmp_path / "out", run_config())
+    assert asked[0][0] == "someone/tiny-llama" and "*.bin" in asked[0][1]["ignore_patterns"]
+    assert report.base_model == "someone/tiny-llama"
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "base_model: someone/tiny-llama" in card
+
+
 def test_incremental_safetensors_writer_round_trips_every_dtype(tmp_path: Path) -> None:
     tensors = {
         "f32": torch.randn(3, 5),
