@@ -14,7 +14,8 @@ pipeline and the pruner call at fixed points:
   of the block is cut into row ranges when its sparsity set is row-separable), each owner solves its
   pieces, the solved weights are broadcast (one buffer per owner) and the reports gathered, so every rank
   holds the pruned block before the next one;
-- ``on_main``: work done by rank 0 only (reading the calibration data), its result shared;
+- ``on_main``: work done by rank 0 only (reading the calibration data, writing files), its result shared;
+- ``broadcast``: rank 0's tensors to every rank (a streamed run's finished blocks, read back on resume);
 - ``guard``: failure handling. Every collective phase starts with an ``all_gather_object`` of a status;
   a rank that fails outside a phase sends its error as the status of the phase the others are entering
   (and on leaving the guarded region everyone exchanges a last status), so every rank raises the failing
@@ -304,6 +305,9 @@ class Parallel:
         """``fn()`` on rank 0; with ``share`` every rank gets its result (else ``None`` elsewhere)."""
         return fn()
 
+    def broadcast(self, tensors: Sequence[Tensor]) -> None:
+        """Overwrite ``tensors`` on every rank with rank 0's (same shapes and dtypes everywhere)."""
+
     def solve(self, jobs: Sequence[SolveJob], solve: Solver, split_rows: bool = False) -> list[LayerReport]:
         """Solve every job (in order) and return their reports."""
         return [solve(job.name, job.weight, job.gram) for job in jobs]
@@ -488,6 +492,16 @@ class Distributed(Parallel):
         if error is not None:
             raise error
         return gathered[0] if share else result
+
+    def broadcast(self, tensors: Sequence[Tensor]) -> None:
+        self._exchange(None)
+        with torch.no_grad():
+            for tensor in tensors:
+                moved = tensor.to(self.comm_device) if tensor.device != self.comm_device else tensor
+                self._dist.broadcast(moved, src=0)
+                if moved is not tensor:
+                    tensor.copy_(moved)
+        self._end_phase()
 
     # ---------------------------------------------------------------------------------------------- solves
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .configuration import MAIHTConfig
 from .constants import DEFAULT_CALIBRATION_TEXT
 from .data import CalibrationData, describe_data, prepare_calibration, split_of
-from .distributed import SINGLE, Parallel, current, is_main_process, local_device
+from .distributed import Parallel, current, is_main_process, local_device
 from .model_utils import check_model_source, resolve_device
 from .report import LayerReport, PruneReport, library_versions
 from .sequential import IN_MEMORY, BlockStore, prune_sequential
@@ -119,34 +119,46 @@ class MAIHTPruner:
         existing partial folder without ``resume=True`` is an error. ``dtype``: as transformers'
         (``"auto"``: the checkpoint's). ``base_model``: the Hub id to name in the report and card when
         ``model`` is a local copy. Other arguments as in :meth:`prune` and :meth:`save_pretrained`.
-        Not for fused mixture-of-experts models nor under ``torchrun``: load those in memory.
+        Not for fused mixture-of-experts models: load those in memory.
+
+        Under ``torchrun`` every process calls this with the same arguments: each streams the blocks
+        from the checkpoint and calibrates its share of the windows as :meth:`prune` does, rank 0 alone
+        keeps the partial folder and writes ``save_directory``; every rank returns the report.
         """
         from .serialization import save_pruned
         from .streaming import StreamingStore
 
-        store = StreamingStore.open(model, save_directory, resume=resume, overwrite=overwrite, dtype=dtype)
-        if base_model is not None:
-            store.model.config.name_or_path = base_model
-        if tokenizer is None:
-            tokenizer = _try_tokenizer(str(store.checkpoint.folder))
-        pruner = cls(store.model, config, tokenizer, device, offload_activations)
-        if calibration_dataset is None:
-            logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
-            calibration_dataset = DEFAULT_CALIBRATION_TEXT
-        pruner._prune(SINGLE, calibration_dataset, None, None, None, progress, store)
-        save_pruned(
-            save_directory,
-            store.model,
-            pruner.config,
-            pruner.report,
-            tokenizer=tokenizer,
-            save_format=save_format,
-            overwrite=overwrite,
-            max_shard_size=max_shard_size,
-            model_card=model_card,
-            write_weights=store.write_weights,
-        )
-        store.close()
+        parallel = current(local_device(resolve_device(device)))
+        with parallel.guard():
+            store = StreamingStore.open(
+                model, save_directory, resume=resume, overwrite=overwrite, dtype=dtype, parallel=parallel
+            )
+            if base_model is not None:
+                store.model.config.name_or_path = base_model
+            if tokenizer is None:
+                tokenizer = _try_tokenizer(str(store.checkpoint.folder))
+            pruner = cls(store.model, config, tokenizer, device, offload_activations)
+            if calibration_dataset is None:
+                logger.info("no calibration data given: using the bundled WikiText-2 validation excerpt")
+                calibration_dataset = DEFAULT_CALIBRATION_TEXT
+            pruner._prune(parallel, calibration_dataset, None, None, None, progress, store)
+
+            def write() -> None:
+                save_pruned(
+                    save_directory,
+                    store.model,
+                    pruner.config,
+                    pruner.report,
+                    tokenizer=tokenizer,
+                    save_format=save_format,
+                    overwrite=overwrite,
+                    max_shard_size=max_shard_size,
+                    model_card=model_card,
+                    write_weights=store.write_weights,
+                )
+                store.close()
+
+            parallel.on_main(write)
         return pruner.report
 
     @property

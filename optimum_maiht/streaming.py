@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from .configuration import MAIHTConfig
+from .distributed import SINGLE, Parallel
 from .model_utils import block_prefix, check_model_source, find_decoder_blocks
 from .report import LayerReport, PruneReport
 from .sequential import BlockStore, FinishedBlock
@@ -82,8 +83,8 @@ def return_freed_memory() -> None:
 
 
 class StreamingUnsupportedError(ValueError):
-    """The model cannot be streamed (its weights are renamed or fused on load, or several processes run);
-    the message says to prune it in memory."""
+    """The model cannot be streamed (its weights are renamed or fused on load); the message says to prune
+    it in memory."""
 
 
 class ResumeError(ValueError):
@@ -292,6 +293,22 @@ class PartialRun:
         _write_atomic(path.with_suffix(".json"), json.dumps(data))
 
 
+def _check_folders(output: str | os.PathLike, partial: PartialRun, resume: bool, overwrite: bool) -> bool:
+    """Check the output folder and the partial folder beside it; whether there is a run to resume."""
+    from .serialization import check_output_folder
+
+    check_output_folder(output, overwrite)
+    if partial.folder.exists() and not resume:
+        done = len(partial.finished()) if partial.blocks.is_dir() else 0
+        raise ResumeError(
+            f"{partial.folder} holds an interrupted run ({done} blocks pruned): pass resume=True "
+            "(optimum-cli: --resume) to continue it, or delete that folder to start again"
+        )
+    if resume and not partial.folder.exists():
+        logger.info("nothing to resume in %s: starting from the first block", partial.folder)
+    return resume and partial.folder.exists()
+
+
 def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
@@ -329,12 +346,23 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 class StreamingStore(BlockStore):
     """Blocks read from a checkpoint when their turn comes, written to the partial folder when pruned,
     then released (:class:`optimum_maiht.sequential.BlockStore`); finished blocks of an interrupted run
-    are read back from the partial folder."""
+    are read back from the partial folder.
+
+    Under ``torchrun`` (``parallel``) every rank reads the blocks from the checkpoint (one page cache per
+    machine), and rank 0 alone owns the partial folder: it checks and writes it, shares the resume state,
+    and broadcasts the finished blocks it reads back, so the other ranks need no access to it."""
 
     def __init__(
-        self, model: nn.Module, checkpoint: Checkpoint, partial: PartialRun, resume: bool, dtype: str
+        self,
+        model: nn.Module,
+        checkpoint: Checkpoint,
+        partial: PartialRun,
+        resume: bool,
+        dtype: str,
+        parallel: Parallel = SINGLE,
     ):
         self.model = model
+        self.parallel = parallel
         self.checkpoint = checkpoint
         self.partial = partial
         self.resume = resume
@@ -360,32 +388,20 @@ class StreamingStore(BlockStore):
         resume: bool = False,
         overwrite: bool = False,
         dtype: str | torch.dtype | None = "auto",
+        parallel: Parallel = SINGLE,
     ) -> StreamingStore:
         """Check the output and the partial folder, then build the model without weights from ``source``
-        (a folder or a Hub id) and load everything outside its decoder blocks."""
-        from .distributed import launched
-        from .serialization import check_output_folder
-
-        if launched():
-            raise StreamingUnsupportedError(
-                "streaming runs in one process: under torchrun every rank would read and write the same "
-                f"files; {NO_STREAM}"
-            )
-        check_output_folder(output, overwrite)
+        (a folder or a Hub id) and load everything outside its decoder blocks. With several ranks, rank 0
+        checks the folders and downloads a Hub id first; a failure there stops every rank."""
         partial = PartialRun(partial_folder(output))
-        if partial.folder.exists() and not resume:
-            done = len(partial.finished()) if partial.blocks.is_dir() else 0
-            raise ResumeError(
-                f"{partial.folder} holds an interrupted run ({done} blocks pruned): pass resume=True "
-                "(optimum-cli: --resume) to continue it, or delete that folder to start again"
-            )
-        if resume and not partial.folder.exists():
-            logger.info("nothing to resume in %s: starting from the first block", partial.folder)
-        folder, name = local_snapshot(source)
+        resuming = parallel.on_main(lambda: _check_folders(output, partial, resume, overwrite), share=True)
+        folder, name = parallel.on_main(lambda: local_snapshot(source), share=True)
+        if not parallel.is_main:  # after rank 0: a Hub id is in this machine's cache (or downloaded here)
+            folder, name = local_snapshot(source)
         checkpoint = Checkpoint(folder)
         return_freed_memory()
         model = _empty_model(folder, name, checkpoint, dtype)
-        store = cls(model, checkpoint, partial, resume and partial.folder.exists(), _dtype_name(dtype))
+        store = cls(model, checkpoint, partial, resuming, _dtype_name(dtype), parallel)
         store._check_streamable()
         store._load_outside()
         return store
@@ -456,6 +472,16 @@ class StreamingStore(BlockStore):
         if files is not None:
             files.close()
 
+    @staticmethod
+    def _assign_empty(groups: list[list[tuple[str, nn.Module, str]]]) -> None:
+        """Give the parameters ``groups`` uninitialized CPU storage of their shapes (to be overwritten)."""
+        for names in groups:
+            _, module, attr = names[0]
+            meta = module._parameters[attr]
+            param = nn.Parameter(torch.empty_like(meta, device="cpu"), requires_grad=meta.requires_grad)
+            for _, owner, key in names:
+                owner._parameters[key] = param
+
     def _block_groups(self, index: int) -> list[list[tuple[str, nn.Module, str]]]:
         prefix = self._prefix(index)
         return [names for names in self._tied if names[0][0].startswith(prefix)]
@@ -478,7 +504,12 @@ class StreamingStore(BlockStore):
         }
 
     def begin(self, input_ids: Tensor, config: MAIHTConfig) -> None:
+        self._done = self.parallel.on_main(lambda: self._begin(input_ids, config), share=True)
+
+    def _begin(self, input_ids: Tensor, config: MAIHTConfig) -> dict[int, FinishedBlock]:
+        """Rank 0: start the partial folder, or check it against this run and read its finished blocks."""
         fingerprint = self.fingerprint(input_ids, config)
+        world_size = self.parallel.world_size
         if self.resume:
             state = self.partial.state()
             differences = _differences(state, fingerprint)
@@ -488,21 +519,28 @@ class StreamingStore(BlockStore):
                     f"{'; '.join(differences)}. Resume with the same model, dtype, calibration data, "
                     "configuration and library versions, or delete that folder to start again"
                 )
-            self._done = self.partial.finished()
-            expected = list(range(len(self._done)))
-            if sorted(self._done) != expected:
-                raise ResumeError(
-                    f"{self.partial.folder} is damaged (blocks {sorted(self._done)}); delete it"
-                )
+            done = self.partial.finished()
+            if sorted(done) != list(range(len(done))):
+                raise ResumeError(f"{self.partial.folder} is damaged (blocks {sorted(done)}); delete it")
             logger.info(
                 "resuming %s: %d of %d blocks already pruned",
                 self.partial.folder,
-                len(self._done),
+                len(done),
                 len(self.blocks),
             )
+            started = state.get("world_size", 1)
+            if started != world_size:
+                logger.warning(
+                    "the interrupted run had %d processes and this one has %d: the blocks still to prune "
+                    "will match an uninterrupted run up to floating-point summation order, not bit for bit",
+                    started,
+                    world_size,
+                )
         else:
-            self.partial.start(fingerprint)
+            self.partial.start({**fingerprint, "world_size": world_size})
+            done = {}
         logger.info("partial state (for --resume) in %s", self.partial.folder)
+        return done
 
     def finished(self, index: int) -> FinishedBlock | None:
         return self._done.get(index)
@@ -510,13 +548,23 @@ class StreamingStore(BlockStore):
     def load(self, index: int, block: nn.Module) -> None:
         if index in self._loaded:
             return
-        source = self.partial.block_file(index) if index in self._done else None
-        self._assign(self._block_groups(index), source)
+        groups = self._block_groups(index)
+        if index not in self._done:
+            self._assign(groups, source=None)
+        elif self.parallel.world_size == 1:
+            self._assign(groups, source=self.partial.block_file(index))
+        else:  # rank 0 reads the finished block back and sends it to the others
+            if self.parallel.is_main:
+                self._assign(groups, source=self.partial.block_file(index))
+            else:
+                self._assign_empty(groups)
+            self.parallel.broadcast([names[0][1]._parameters[names[0][2]] for names in groups])
         self._loaded.add(index)
 
     def done(self, index: int, block: nn.Module, record: FinishedBlock) -> None:
         prefix = self._prefix(index)
-        self.partial.save_block(index, {prefix + k: v for k, v in block.state_dict().items()}, record)
+        tensors = {prefix + k: v for k, v in block.state_dict().items()}
+        self.parallel.on_main(lambda: self.partial.save_block(index, tensors, record))
         self._done[index] = record
 
     def release(self, index: int, block: nn.Module) -> None:

@@ -5,10 +5,13 @@
 
 ``compare``: prune the cases of :data:`CASES` and save each rank's weights and report to ``OUT_DIR``.
 ``fail_solve`` / ``fail_forward``: rank 1 raises inside a solve / a calibration forward.
+``stream``: stream ``OUT_DIR/checkpoint`` into ``OUT_DIR/whole``; stream it into ``OUT_DIR/resumed`` with
+rank 1 failing once block 1 is in the partial folder, then resume that run.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -85,9 +88,61 @@ def fail(where: str) -> None:
     prune("llama-50")
 
 
+STREAM = dict(num_samples=8, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3)
+STREAM_SHARD = "100KB"
+
+
+def stream(out: Path) -> None:
+    from optimum_maiht import MAIHTConfig, MAIHTPruner
+    from optimum_maiht.streaming import StreamingStore, partial_folder
+
+    def run(folder: str, **options):
+        return MAIHTPruner.prune_to_folder(
+            out / "checkpoint",
+            out / folder,
+            MAIHTConfig(**STREAM),
+            calibration_ids(),
+            max_shard_size=STREAM_SHARD,
+            progress=False,
+            **options,
+        )
+
+    rank = int(os.environ["RANK"])
+    report = run("whole")
+    done = StreamingStore.done
+
+    def done_then_fail(self, index, block, record):
+        done(self, index, block, record)
+        if index == 1 and rank == 1:
+            raise ValueError(FAILURE)
+
+    StreamingStore.done = done_then_fail
+    try:
+        run("resumed")
+    except ValueError as err:
+        failure = str(err)
+    else:
+        failure = None
+    StreamingStore.done = done
+    finished = sorted(p.name for p in partial_folder(out / "resumed").glob("blocks/*.json"))
+    resumed = run("resumed", resume=True)
+    errors = [
+        [(layer.name, layer.sparsity, layer.error_after) for layer in r.layers] for r in (report, resumed)
+    ]
+    record = {
+        "world_size": report.world_size,
+        "failure": failure,
+        "finished": finished,
+        "same_errors": errors[0] == errors[1],
+    }
+    (out / f"stream-rank{rank}.json").write_text(json.dumps(record))
+
+
 if __name__ == "__main__":
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     if scenario == "compare":
         compare(out_dir)
+    elif scenario == "stream":
+        stream(out_dir)
     else:
         fail(scenario.removeprefix("fail_"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import calibration_ids
 from dist_worker import CASES, FAILURE, prune
 from transformers import AutoModelForCausalLM
 
@@ -176,10 +177,49 @@ def test_windows_are_shared_out_whole_batches_first():
     assert sum(shards(12, 1), []) == list(range(10))
 
 
+def test_two_processes_stream_resume_and_write_once(tmp_path):
+    """Streaming under torchrun: rank 0 alone writes the partial folder and the output, which matches a
+    one-process streamed run up to summation order; a run failing on rank 1 after two blocks resumes (the
+    finished blocks broadcast by rank 0) and ends bit-identical to the uninterrupted two-process run."""
+    from dist_worker import STREAM, STREAM_SHARD
+    from test_streaming import assert_same_tensors, folder_tensors, make_checkpoint
+
+    from optimum_maiht import MAIHTConfig, MAIHTPruner
+    from optimum_maiht.streaming import partial_folder
+
+    make_checkpoint(tmp_path / "checkpoint")
+    results = launch("stream", tmp_path)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+        record = json.loads((tmp_path / f"stream-rank{rank}.json").read_text())
+        assert record["world_size"] == 2 and record["same_errors"], record
+        expected = FAILURE if rank == 1 else "rank 1/2 failed: ValueError: " + FAILURE
+        assert record["failure"] == expected, record
+        assert record["finished"] == ["block-00000.json", "block-00001.json"], record
+    assert_same_tensors(tmp_path / "whole", tmp_path / "resumed")
+    assert not partial_folder(tmp_path / "resumed").exists()
+    report = PruneReport.from_dict(json.loads((tmp_path / "whole" / "maiht_report.json").read_text()))
+    assert report.world_size == 2 and len(report.pruned) == 4 * 7
+
+    one = tmp_path / "one"
+    config = MAIHTConfig(**STREAM)
+    MAIHTPruner.prune_to_folder(
+        tmp_path / "checkpoint", one, config, calibration_ids(), max_shard_size=STREAM_SHARD
+    )
+    mine, theirs = folder_tensors(one), folder_tensors(tmp_path / "whole")
+    assert sorted(mine) == sorted(theirs)
+    for name, tensor in mine.items():
+        if tensor.dim() >= 2 and ".layers." in name:
+            agree = float(((tensor == 0) == (theirs[name] == 0)).float().mean())
+            assert agree >= 0.999, (name, agree)
+            assert torch.allclose(tensor, theirs[name], rtol=1e-3, atol=1e-5), name
+
+
 @pytest.mark.slow
 def test_optimum_cli_under_torchrun(tmp_path):
-    """``torchrun --nproc_per_node 2 $(command -v optimum-cli) maiht prune``: one folder written by rank 0,
-    the summary printed once, the report's world size 2, every pruned layer at a valid 2:4."""
+    """``torchrun --nproc_per_node 2 $(command -v optimum-cli) maiht prune`` (streaming, the default): one
+    folder written by rank 0, the summary printed once, the report's world size 2, every pruned layer at
+    a valid 2:4."""
     from conftest import make_tiny_model, make_tokenizer
 
     from optimum_maiht.data import bundled_text
@@ -198,6 +238,7 @@ def test_optimum_cli_under_torchrun(tmp_path):
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert result.stdout.count("mAIHT pruning done") == 1, result.stdout
+    assert result.stderr.count("block by block into") == 1, result.stderr[-3000:]  # streamed; said once
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "out", "tiny"]
     report = PruneReport.from_dict(json.loads((tmp_path / "out" / "maiht_report.json").read_text()))
     assert report.world_size == 2 and report.pruned

@@ -79,7 +79,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "memory",
         "by default the model is streamed block by block from its safetensors checkpoint (host memory: the "
         "weights outside the decoder blocks, a block or two and the activations), the state kept after "
-        "every block in OUTPUT.maiht-partial; --eval, --eval-tasks and torchrun load it whole",
+        "every block in OUTPUT.maiht-partial (under torchrun, by rank 0); --eval and --eval-tasks load it "
+        "whole",
     )
     memory.add_argument(
         "--no-stream",
@@ -260,17 +261,12 @@ def card_options(base_model: str | None) -> dict[str, Any] | None:
 
 def streams(args: argparse.Namespace) -> bool:
     """Whether to stream the model from its checkpoint (the default): not with ``--no-stream``, nor with
-    an evaluation (it needs the whole model), nor under ``torchrun`` (every rank holds the model). A
-    ``--resume`` that cannot stream is refused."""
-    from optimum_maiht.distributed import launched
-
+    an evaluation (it needs the whole model). A ``--resume`` that cannot stream is refused."""
     reason = None
     if args.no_stream:
         reason = "--no-stream"
     elif args.eval or args.eval_tasks:
         reason = "--eval" if args.eval else "--eval-tasks"
-    elif launched():
-        reason = "torchrun"
     if reason is not None and args.resume:
         raise CLIError(f"--resume continues a streaming run, which {reason} turns off; drop one of them")
     return reason is None
@@ -287,13 +283,15 @@ def prune_streaming(
 ) -> PruneReport:
     """``MAIHTPruner.prune_to_folder``: block by block from the checkpoint into ``target``."""
     from optimum_maiht import MAIHTPruner
+    from optimum_maiht.distributed import is_main_process
     from optimum_maiht.streaming import partial_folder
 
-    print(
-        f"streaming {model} block by block into {target}; state kept in {partial_folder(target)} "
-        "(continue a killed run with --resume)",
-        file=sys.stderr,
-    )
+    if is_main_process():
+        print(
+            f"streaming {model} block by block into {target}; state kept in {partial_folder(target)} "
+            "(continue a killed run with --resume)",
+            file=sys.stderr,
+        )
     return MAIHTPruner.prune_to_folder(
         model,
         target,
