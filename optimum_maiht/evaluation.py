@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from .constants import DEFAULT_EVAL_TEXT
 from .data import CalibrationData, calibration_text, special_prefix, token_windows, tokenize
+from .distributed import SINGLE, Parallel
 from .model_utils import find_decoder_blocks, linear_types
 from .report import layer_type
 
@@ -63,6 +64,7 @@ def perplexity(
     batch_size: int = 4,
     device: str | torch.device | None = None,
     progress: bool = False,
+    parallel: Parallel = SINGLE,
 ) -> float:
     """Perplexity over consecutive non-overlapping windows of ``sequence_length`` tokens.
 
@@ -74,18 +76,47 @@ def perplexity(
 
     This is token-level perplexity over fixed windows. lm-eval's ``wikitext`` task measures word- and
     byte-level rolling perplexity over whole documents: a different number, not comparable with this one.
+
+    Under ``torchrun`` (``parallel``), rank 0 cuts the windows and shares them, each rank scores its share
+    and the log-likelihoods are summed.
     """
     if sequence_length is None:
         sequence_length = default_sequence_length(model)
     _check_counts(sequence_length, max_windows, batch_size)
+    windows = parallel.on_main(
+        lambda: perplexity_windows(model, tokenizer, data, sequence_length, max_windows), share=True
+    )
+    windows = parallel.shard_windows(windows, batch_size)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    nll, count = parallel.sum(_negative_log_likelihood(model, windows, batch_size, device, progress))
+    return math.exp(nll / count)
+
+
+def perplexity_windows(
+    model: nn.Module,
+    tokenizer: Any | None,
+    data: CalibrationData,
+    sequence_length: int,
+    max_windows: int | None,
+) -> Tensor:
+    """The ``LongTensor[n, sequence_length]`` windows :func:`perplexity` scores for ``data``."""
     text = calibration_text(data)
     if isinstance(text, Tensor) and text.dim() == 2:
         check_sequence_length(model, text.shape[1])
-        windows = text if max_windows is None else text[:max_windows]
-    else:
-        check_sequence_length(model, sequence_length)
-        windows = _windows(text, tokenizer, sequence_length, max_windows)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+        return text if max_windows is None else text[:max_windows]
+    check_sequence_length(model, sequence_length)
+    if isinstance(text, Tensor):
+        return token_windows(text, max_windows, sequence_length)
+    if tokenizer is None:
+        raise ValueError("evaluating on text needs a tokenizer")
+    prefix = special_prefix(tokenizer)
+    return token_windows(tokenize(tokenizer, text), max_windows, sequence_length, prefix)
+
+
+def _negative_log_likelihood(
+    model: nn.Module, windows: Tensor, batch_size: int, device: torch.device, progress: bool
+) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over ``windows`` and the number of tokens predicted."""
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()
@@ -99,19 +130,7 @@ def perplexity(
             nll += float(loss)
             count += ids[:, 1:].numel()
     model.train(was_training)
-    return math.exp(nll / count)
-
-
-def _windows(
-    text: str | Tensor, tokenizer: Any | None, sequence_length: int, max_windows: int | None
-) -> Tensor:
-    """Evaluation windows of a text (with the tokenizer's prefix) or of a 1-D tensor of token ids."""
-    if isinstance(text, Tensor):
-        return token_windows(text, max_windows, sequence_length)
-    if tokenizer is None:
-        raise ValueError("evaluating on text needs a tokenizer")
-    prefix = special_prefix(tokenizer)
-    return token_windows(tokenize(tokenizer, text), max_windows, sequence_length, prefix)
+    return nll, count
 
 
 def sparsity_by_layer_type(model: nn.Module) -> dict[str, float]:

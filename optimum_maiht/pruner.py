@@ -4,7 +4,6 @@ and hands the result to the serialization layer (saving) and the Hub layer (publ
 from __future__ import annotations
 
 import logging
-import math
 import os
 import tempfile
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from .configuration import MAIHTConfig
 from .constants import DEFAULT_CALIBRATION_TEXT
@@ -330,54 +329,26 @@ class MAIHTPruner:
         progress: bool,
         parallel: Parallel,
     ) -> float:
-        """Perplexity of the model as it is now. With several ranks, rank 0 cuts the windows and shares
-        them, each rank scores its share, and the log-likelihoods are summed."""
+        """Perplexity of the model as it is now, on the compute device (shared out over the ranks)."""
         from .evaluation import perplexity
 
-        windows: Any = data
-        if parallel.world_size > 1:
-            windows = parallel.on_main(
-                lambda: self._eval_windows(data, sequence_length, max_windows), share=True
-            )
-            windows, max_windows = parallel.shard_windows(windows, self.config.batch_size), None
         home = next(self.model.parameters()).device
         self.model.to(self.device)
         try:
-            if parallel.world_size == 1:
-                return perplexity(
-                    self.model,
-                    self.tokenizer,
-                    data,
-                    sequence_length,
-                    max_windows,
-                    batch_size=self.config.batch_size,
-                    progress=progress,
-                )
-            count = windows.shape[0] * (windows.shape[1] - 1)
-            nll = 0.0
-            if count:
-                ppl = perplexity(
-                    self.model, None, windows, batch_size=self.config.batch_size, progress=progress
-                )
-                nll = math.log(ppl) * count
+            batch_size = self.config.batch_size
+            return perplexity(
+                self.model,
+                self.tokenizer,
+                data,
+                sequence_length,
+                max_windows,
+                batch_size,
+                None,
+                progress,
+                parallel,
+            )
         finally:
             self.model.to(home)
-        nll, count = parallel.sum([nll, count])
-        return math.exp(nll / count)
-
-    def _eval_windows(self, data: CalibrationData, sequence_length: int, max_windows: int | None) -> Tensor:
-        """The windows :func:`optimum_maiht.evaluation.perplexity` scores for ``data``."""
-        from .data import calibration_text, special_prefix, token_windows, tokenize
-
-        text = calibration_text(data)
-        if isinstance(text, Tensor):
-            if text.dim() == 2:
-                return text if max_windows is None else text[:max_windows]
-            return token_windows(text, max_windows, sequence_length)
-        if self.tokenizer is None:
-            raise ValueError("evaluating on text needs a tokenizer")
-        ids = tokenize(self.tokenizer, text)
-        return token_windows(ids, max_windows, sequence_length, special_prefix(self.tokenizer))
 
     def save_pretrained(
         self,

@@ -3,7 +3,8 @@
 
     python tests/dist_worker.py SCENARIO OUT_DIR
 
-``compare``: prune the cases of :data:`CASES` and save each rank's weights and report to ``OUT_DIR``.
+``compare``: prune the cases of :data:`CASES` and save each rank's weights, report and perplexity on
+:data:`EVAL` to ``OUT_DIR``.
 ``fail_solve`` / ``fail_forward``: rank 1 raises inside a solve / a calibration forward.
 ``stream``: stream ``OUT_DIR/checkpoint`` into ``OUT_DIR/whole``; stream it into ``OUT_DIR/resumed`` with
 rank 1 failing once block 1 is in the partial folder, then resume that run.
@@ -53,12 +54,21 @@ def prune(case: str):
     return model, pruner
 
 
+EVAL = dict(n=7, seq=16, seed=3)
+"""Perplexity windows scored after pruning: 7 windows in batches of 2, so the ranks get 2 and 5."""
+
+
 def compare(out: Path) -> None:
+    from optimum_maiht import distributed
+    from optimum_maiht.evaluation import perplexity
+
     rank = int(os.environ["RANK"])
     for case in CASES:
         model, pruner = prune(case)
+        ppl = perplexity(model, None, calibration_ids(**EVAL), batch_size=2, parallel=distributed.current())
         torch.save(
-            {"state": model.state_dict(), "report": pruner.report.to_dict()}, out / f"{case}-rank{rank}.pt"
+            {"state": model.state_dict(), "report": pruner.report.to_dict(), "perplexity": ppl},
+            out / f"{case}-rank{rank}.pt",
         )
         folder = out / f"{case}-saved-rank{rank}"  # only rank 0 may write it
         assert pruner.save_pretrained(folder) == folder.resolve()

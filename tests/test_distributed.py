@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import calibration_ids
-from dist_worker import CASES, FAILURE, prune
+from dist_worker import CASES, EVAL, FAILURE, prune
 from transformers import AutoModelForCausalLM
 
 from optimum_maiht import distributed
 from optimum_maiht.distributed import SINGLE, Distributed, plan_solves
+from optimum_maiht.evaluation import perplexity
 from optimum_maiht.report import PruneReport
 
 WORKER = Path(__file__).resolve().parent / "dist_worker.py"
@@ -92,6 +93,9 @@ def test_two_processes_prune_like_one(case, two_ranks):
         assert torch.equal(tensor, ranks[1]["state"][name]), name
     report = PruneReport.from_dict(ranks[0]["report"])
     assert report.world_size == 2 and single.world_size == 1
+    # the windows shared out, the log-likelihoods summed: the one-process perplexity of this model
+    ppl = perplexity(model, None, calibration_ids(**EVAL), batch_size=2)
+    assert ranks[0]["perplexity"] == ranks[1]["perplexity"] == pytest.approx(ppl, rel=1e-5)
     assert ranks[1]["report"]["layers"] == ranks[0]["report"]["layers"]
     assert len(report.block_seconds) == len(single.block_seconds)
 
