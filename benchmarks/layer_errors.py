@@ -42,10 +42,11 @@ def collect_grams(
     blocks, the calibration run through the dense blocks (nothing is pruned)."""
     from optimum_maiht.configuration import MAIHTConfig
     from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
-    from optimum_maiht.sequential import GramCollector, capture_block_inputs, find_target_layers
+    from optimum_maiht.sequential import GramCollector, capture_block_inputs
+    from optimum_maiht.targets import find_targets
 
     blocks_name, blocks = find_decoder_blocks(model)
-    targets = find_target_layers(model, blocks_name, blocks, MAIHTConfig())
+    targets = [t.linears for t in find_targets(model, blocks_name, blocks, MAIHTConfig())]
     hidden, calls = capture_block_inputs(model, blocks, ids, batch_size, torch.device("cpu"))
     layers: dict[str, dict[str, Any]] = {}
     with torch.no_grad():

@@ -88,6 +88,7 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     from optimum_maiht import MAIHTConfig, MAIHTPruner
     from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
     from optimum_maiht.model_utils import find_decoder_blocks
+    from optimum_maiht.targets import find_targets
 
     sparsity, pattern = parse_setting(setting)
     if pattern != "unstructured":
@@ -98,22 +99,21 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
         sparsity=sparsity, num_samples=ids.shape[0], sequence_length=ids.shape[1], batch_size=batch_size
     )
     blocks_name, blocks = find_decoder_blocks(model)
-    targets = sequential.find_target_layers(model, blocks_name, blocks, config)
+    targets = [t.linears for t in find_targets(model, blocks_name, blocks, config)]
     start = time.perf_counter()
     ratios = block_outlier_ratios(model, targets, ids, threshold, batch_size)
     per_block = owl_sparsities(ratios, sparsity, lam)
     block_of = {name: i for i, layers in enumerate(targets) for name in layers}
-    real_prune_layer = sequential._prune_layer
+    real_solve = sequential._solve
 
-    def prune_layer(name, layer, collector, cfg, nm):
-        block_config = dataclasses.replace(cfg, sparsity=per_block[block_of[name]])
-        return real_prune_layer(name, layer, collector, block_config, nm)
+    def solve(name, weight, gram, config):  # each layer at its block's sparsity
+        return real_solve(name, weight, gram, dataclasses.replace(config, sparsity=per_block[block_of[name]]))
 
-    sequential._prune_layer = prune_layer
+    sequential._solve = solve
     try:
         MAIHTPruner(model, config, tokenizer=tokenizer, device="cpu").prune(ids, progress=False)
     finally:
-        sequential._prune_layer = real_prune_layer
+        sequential._solve = real_solve
     prune_seconds = time.perf_counter() - start
     windows = test_windows(tokenizer, eval_windows)
     ppl = perplexity(model, None, windows, EVAL_LENGTH, batch_size=4)

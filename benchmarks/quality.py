@@ -94,14 +94,14 @@ def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> di
     """Keep the largest |W| of every target linear in the decoder blocks (per layer; N:M per group)."""
     from optimum_maiht.configuration import MAIHTConfig
     from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
-    from optimum_maiht.sequential import find_target_layers
     from optimum_maiht.solver import magnitude_prune
+    from optimum_maiht.targets import find_targets
 
     config = MAIHTConfig(sparsity=sparsity if pattern == "unstructured" else None, pattern=pattern)
     blocks_name, blocks = find_decoder_blocks(model)
     with torch.no_grad():
-        for layers in find_target_layers(model, blocks_name, blocks, config):
-            for layer in layers.values():
+        for targets in find_targets(model, blocks_name, blocks, config):
+            for layer in targets.linears.values():
                 weight = weight_matrix(layer)
                 weight.copy_(magnitude_prune(weight, sparsity, config.nm, scope="layer"))
     return {"scope": "layer"}
