@@ -243,13 +243,14 @@ its free memory (the block, its Gram matrices and the solver need the rest)."""
 
 
 def activations_device(
-    model: nn.Module, input_ids: Tensor, device: torch.device, offload: bool | None
+    model: nn.Module, input_ids: Tensor, device: torch.device, offload: bool | None, sets: int = 2
 ) -> torch.device | None:
     """Where the calibration activations live between blocks: ``None`` (on ``device``) or the CPU.
 
-    ``offload=None`` decides by size: the CPU when the activations (input and output of a block:
-    ``2 * windows * length * hidden`` elements) would take more than :data:`OFFLOAD_SHARE` of the free
-    memory of the CUDA ``device``. On a CPU device there is nothing to offload.
+    ``offload=None`` decides by size: the CPU when the activations (``sets`` of them: the input and output
+    of a block, plus the dense model's activations with block reconstruction: ``sets * windows * length *
+    hidden`` elements) would take more than :data:`OFFLOAD_SHARE` of the free memory of the CUDA
+    ``device``. On a CPU device there is nothing to offload.
     """
     if device.type != "cuda" or offload is False:
         return None
@@ -258,7 +259,7 @@ def activations_device(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if not isinstance(hidden, int):
             return None
-        needed = 2 * input_ids.numel() * hidden * dtype.itemsize
+        needed = sets * input_ids.numel() * hidden * dtype.itemsize
         free, _ = torch.cuda.mem_get_info(device)
         if needed <= OFFLOAD_SHARE * free:
             return None
@@ -293,7 +294,8 @@ def prune_sequential(
     kept = kept_dense_weights(blocks_name, blocks, targets, config)
     home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     store.begin(input_ids, config)
-    parked = activations_device(model, input_ids, device, offload_activations)
+    sets = 3 if config.reconstruction_epochs > 0 else 2
+    parked = activations_device(model, input_ids, device, offload_activations, sets)
 
     store.load(0, blocks[0])
     _move_outside_blocks(model, blocks, device)
