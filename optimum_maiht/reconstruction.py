@@ -48,10 +48,11 @@ class RefitResult:
 
 
 def holdout_batches(counts: Sequence[int], share: float, rank: int = 0) -> list[int]:
-    """Indices (local to ``rank``) of the held-out batches: ``max(1, round(share * total))`` batches spread
-    evenly over all ranks' batches (``counts``: batches per rank, in rank order)."""
+    """Indices (local to ``rank``) of the held-out batches: ``round(share * total)`` batches, at least one
+    and at most all but one, spread evenly over all ranks' batches (``counts``: batches per rank, in rank
+    order)."""
     total = sum(counts)
-    held = max(1, round(share * total))
+    held = min(total - 1, max(1, round(share * total)))
     chosen = {(2 * j + 1) * total // (2 * held) for j in range(held)}
     first = sum(counts[:rank])
     return sorted(k - first for k in chosen if first <= k < first + counts[rank])

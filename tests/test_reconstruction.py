@@ -141,6 +141,7 @@ def test_holdout_batches_spread_over_every_rank() -> None:
     assert holdout_batches([16], 0.125) == [4, 12]  # one in eight, spread out
     assert holdout_batches([3], 0.125) == [1]  # at least one
     assert holdout_batches([8], 0.25) == [2, 6]
+    assert holdout_batches([2], 0.9) == [1]  # at least one batch to train on
     assert [holdout_batches([4, 4], 0.25, rank) for rank in (0, 1)] == [[2], [2]]  # the same global batches
     assert [holdout_batches([5, 3], 0.25, rank) for rank in (0, 1)] == [[2], [1]]
 
