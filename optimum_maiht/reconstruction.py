@@ -142,7 +142,7 @@ def _step(
     """Set each parameter's ``grad`` to the masked gradient of the relative error of ``batch`` (``None``:
     this rank has no batch at this step), averaged over the ranks that had one; whether the loss was
     finite on every rank."""
-    grads = [torch.zeros_like(p) for p in params]
+    found: list[Tensor | None] = [None] * len(params)
     flags = torch.zeros(2, dtype=torch.float32, device=params[0].device)  # batches here, non-finite losses
     error = None
     try:
@@ -151,11 +151,13 @@ def _step(
                 out = forward(batch).float()
                 target = targets[batch].to(out.device, torch.float32)
                 loss = (out - target).square().sum() / target.square().sum().clamp_min(1e-30)
-                grads = list(torch.autograd.grad(loss, params))
+                # allow_unused: an expert that no token of this batch was routed to gets no gradient
+                found = list(torch.autograd.grad(loss, params, allow_unused=True))
             flags[0] = 1.0
             flags[1] = 0.0 if bool(torch.isfinite(loss)) else 1.0
     except Exception as err:  # shared with the other ranks by sum_tensors
         error = err
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
     parallel.sum_tensors([*grads, flags], error)
     count, nonfinite = flags.tolist()
     for p, grad, mask in zip(params, grads, masks, strict=True):

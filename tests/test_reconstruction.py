@@ -228,4 +228,24 @@ def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(
     resumed = streamed(source, tmp_path / "streamed", cfg, resume=True)
     assert dense_loads == [0, 1]  # the finished blocks' dense outputs, from the checkpoint
     assert_same_tensors(tmp_path / "memory", tmp_path / "streamed")
-    assert resumed.reconstruction == report.reconstruction and len(report.reconstruction) == 4
+    assert len(report.reconstruction) == 4
+    for mine, theirs in zip(report.reconstruction, resumed.reconstruction, strict=True):
+        assert {**mine.to_dict(), "seconds": 0} == {**theirs.to_dict(), "seconds": 0}
+
+
+def test_an_expert_module_no_token_reaches_is_left_as_pruned() -> None:
+    """Per-expert ``nn.Linear`` modules: the expert the router never chooses gets no gradient (no error)
+    and keeps the weights of its layer solve; the others are refitted."""
+    from test_moe import ToyExpertsMoE
+
+    model = make_tiny_model("llama")
+    for block in model.model.layers:
+        block.mlp = ToyExpertsMoE(64, 32, 4)
+    cfg = config()
+    block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
+    before = {n: w.detach().clone() for n, w in target_weights(targets).items()}
+    result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+    after = target_weights(targets)
+    assert result.epochs >= 1 and result.error_after < result.error_before
+    assert torch.equal(after["model.layers.0.mlp.experts.3.0"], before["model.layers.0.mlp.experts.3.0"])
+    assert not torch.equal(after["model.layers.0.mlp.experts.0.0"], before["model.layers.0.mlp.experts.0.0"])
