@@ -11,8 +11,8 @@ Methods (``--methods``):
 * ``maiht-rec`` (not run unless asked for): mAIHT plus block reconstruction (``reconstruction_epochs=5``,
   the other reconstruction fields at their defaults; ``--maiht-option`` applies here too);
 * ``wanda-rec`` (not run unless asked for): Wanda's mask (mAIHT with ``iterations=0`` and
-  ``refit_iterations=0``: its first projection is the Wanda mask, weights unchanged) plus the same block
-  reconstruction.
+  ``refit_iterations=0``: its first projection is the Wanda mask, the kept weights unchanged up to float32
+  rounding) plus the same block reconstruction.
 
 Settings (``--settings``): ``50%``, ``60%``, ``70%`` (unstructured), ``2:4``, ``4:8``.
 

@@ -17,6 +17,7 @@ from moe_models import make_moe_model
 from test_streaming import assert_same_tensors, fail_after, in_memory, make_checkpoint, streamed
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.cli.prune import prune_summary
 from optimum_maiht.experts import eager_experts
 from optimum_maiht.model_card import render_model_card
 from optimum_maiht.model_utils import find_decoder_blocks
@@ -180,6 +181,8 @@ def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
     card = str(render_model_card(report))
     assert "Block reconstruction (experimental)" in card and f"{mean['error_after']:.4f} after" in card
     assert "`reconstruction_epochs` | `3`" in card
+    summary = prune_summary(report, "tiny", tmp_path, "dense", 1.0)
+    assert f"{mean['error_before']:.4f} -> {mean['error_after']:.4f} (mean of 2 blocks)" in summary
 
 
 @pytest.mark.parametrize(
