@@ -7,7 +7,12 @@ Methods (``--methods``):
 * ``wanda-llmc``, ``sparsegpt-llmc``: llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier``
   through ``oneshot`` (its sequential pipeline, its defaults, ``lm_head`` ignored);
 * ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (``--maiht-option key=value`` overrides a
-  ``MAIHTConfig`` field, and the run is then labelled with it).
+  ``MAIHTConfig`` field, and the run is then labelled with it);
+* ``maiht-rec`` (not run unless asked for): mAIHT plus block reconstruction (``reconstruction_epochs=5``,
+  the other reconstruction fields at their defaults; ``--maiht-option`` applies here too);
+* ``wanda-rec`` (not run unless asked for): Wanda's mask (mAIHT with ``iterations=0`` and
+  ``refit_iterations=0``: its first projection is the Wanda mask, the kept weights unchanged up to float32
+  rounding) plus the same block reconstruction.
 
 Settings (``--settings``): ``50%``, ``60%``, ``70%`` (unstructured), ``2:4``, ``4:8``.
 
@@ -53,7 +58,15 @@ from bench_common import (
 
 logger = logging.getLogger("quality")
 
-METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
+RECONSTRUCTION = {"reconstruction_epochs": 5}
+MAIHT_METHODS: dict[str, dict[str, Any]] = {
+    "maiht": {},
+    "maiht-rec": RECONSTRUCTION,
+    "wanda-rec": {"iterations": 0, "refit_iterations": 0, **RECONSTRUCTION},
+}
+"""Methods run by ``MAIHTPruner``: the ``MAIHTConfig`` fields each sets (before ``--maiht-option``)."""
+DEFAULT_METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
+METHODS = DEFAULT_METHODS + ["maiht-rec", "wanda-rec"]
 SETTINGS = ["50%", "60%", "70%", "2:4", "4:8"]
 RESULTS = RESULTS_DIR / "quality.json"
 
@@ -180,6 +193,7 @@ def prune_maiht(
         "geomean_layer_error_wanda_mask": float(errors_before.log().mean().exp()),
         "geomean_layer_error": float(errors_after.log().mean().exp()),
         "solver_seconds": round(sum(r["seconds"] for r in layers), 2),
+        "reconstruction": report.get("reconstruction"),
     }
 
 
@@ -206,7 +220,7 @@ def run_one(
         details = prune_magnitude(model, sparsity, pattern)
     elif method in ("wanda-llmc", "sparsegpt-llmc"):
         details = prune_llmc(model, tokenizer, ids, method, sparsity, pattern, batch_size)
-    elif method == "maiht":
+    elif method in MAIHT_METHODS:
         details = prune_maiht(
             model,
             tokenizer,
@@ -215,7 +229,7 @@ def run_one(
             pattern,
             batch_size,
             seed,
-            options,
+            {**MAIHT_METHODS[method], **options},
             RESULTS_DIR.parent / "work" / "reports",
         )
     elif method != "dense":
@@ -284,7 +298,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {METHODS}")
+    parser.add_argument(
+        "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {METHODS}"
+    )
     parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {SETTINGS}")
     parser.add_argument(
         "--eval-windows",
@@ -303,7 +319,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a MAIHTConfig field for the maiht runs (repeatable)",
+        help="override a MAIHTConfig field for the maiht, maiht-rec and wanda-rec runs (repeatable)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON list the records are appended to")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
@@ -363,7 +379,7 @@ def main() -> int:
                 "--record",
                 str(record_file),
             ]
-            if method == "maiht":
+            if method in MAIHT_METHODS:
                 command += [f"--maiht-option={o}" for o in args.maiht_option]
             logger.info("run %s at %s", method, setting)
             start = time.perf_counter()

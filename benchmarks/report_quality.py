@@ -18,7 +18,7 @@ from typing import Any
 from bench_common import RESULTS_DIR, command_line
 
 SETTING_ORDER = ["dense", "50%", "60%", "70%", "2:4", "4:8"]
-METHOD_ORDER = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
+METHOD_ORDER = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht", "wanda-rec", "maiht-rec"]
 PLOT_TOP = 1000.0  # perplexities above this (magnitude pruning) are drawn cut, with their value printed
 LABELS = {
     "dense": "dense",
@@ -26,6 +26,8 @@ LABELS = {
     "wanda-llmc": "Wanda (llm-compressor)",
     "sparsegpt-llmc": "SparseGPT (llm-compressor)",
     "maiht": "mAIHT (optimum-maiht, defaults)",
+    "wanda-rec": "Wanda mask + block reconstruction (optimum-maiht)",
+    "maiht-rec": "mAIHT + block reconstruction (optimum-maiht)",
 }
 
 

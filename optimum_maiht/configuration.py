@@ -31,6 +31,7 @@ _INTEGERS = {  # field: (smallest allowed value, whether None is allowed)
     "seed": (0, False),
     "min_expert_tokens": (0, False),
     "experts_per_pass": (1, True),
+    "reconstruction_epochs": (0, False),
 }
 _REGEX_LISTS = ("targets", "ignore")
 
@@ -83,6 +84,17 @@ class MAIHTConfig:
         min_expert_tokens: an expert that the router sends fewer calibration tokens to gets its Gram
             matrices from every calibration token instead (statistics only; its outputs are unchanged);
             0 always uses the routed tokens.
+        reconstruction_epochs: block reconstruction (experimental, off by default until measured;
+            docs/design.md, "Block reconstruction"): after the masks of a block are chosen, refit the kept
+            weights of all its pruned layers jointly to the dense model's block output with Adam, for at
+            most this many epochs over the calibration batches. The epoch kept is the one with the lowest
+            error on held-out calibration batches (possibly none: the weights of the layer solves). Costs
+            one more forward per block (the dense outputs), one more set of activations, and up to this
+            many epochs of forward and backward passes. 0 (default): off.
+        reconstruction_lr: Adam's learning rate of the reconstruction, ``> 0``.
+        reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
+            at least one batch is held out. With fewer than two batches the reconstruction is skipped, with
+            a warning (raise ``num_samples`` or lower ``batch_size``).
     """
 
     sparsity: float | None = None
@@ -100,12 +112,16 @@ class MAIHTConfig:
     seed: int = 0
     experts_per_pass: int | None = None
     min_expert_tokens: int = 128
+    reconstruction_epochs: int = 0
+    reconstruction_lr: float = 1e-4
+    reconstruction_holdout: float = 0.125
 
     def __post_init__(self) -> None:
         nm = self._check_pattern_and_sparsity()
         self._check_choices(nm)
         self._check_integers()
         self._check_ridge()
+        self._check_reconstruction()
         self._check_regex_lists()
 
     def _check_pattern_and_sparsity(self) -> tuple[int, int] | None:
@@ -146,6 +162,17 @@ class MAIHTConfig:
         if not _is_number(self.ridge) or not self.ridge >= 0:  # "not >=" also rejects NaN
             raise ValueError(f"ridge must be a number >= 0, got {self.ridge!r}")
         self.ridge = float(self.ridge)
+
+    def _check_reconstruction(self) -> None:
+        lr, holdout = self.reconstruction_lr, self.reconstruction_holdout
+        if not _is_number(lr) or not 0 < lr < float("inf"):
+            raise ValueError(f"reconstruction_lr must be a finite number > 0, got {lr!r}; e.g. 1e-4")
+        if not _is_number(holdout) or not 0 < holdout < 1:
+            raise ValueError(
+                f"reconstruction_holdout must be a share in (0, 1) of the calibration batches, got "
+                f"{holdout!r}; e.g. 0.125 (one batch in eight)"
+            )
+        self.reconstruction_lr, self.reconstruction_holdout = float(lr), float(holdout)
 
     def _check_regex_lists(self) -> None:
         """``targets`` and ``ignore``: a string or a list of valid regexes, stored as a list."""

@@ -301,6 +301,12 @@ class Parallel:
         """Element-wise sums of ``values`` over the ranks (added in rank order)."""
         return list(values)
 
+    def sum_tensors(self, tensors: Sequence[Tensor], error: BaseException | None = None) -> None:
+        """Sum float32 ``tensors`` over the ranks, in place (block reconstruction's gradients). A rank that
+        failed before passes its ``error`` (and tensors of the right shapes): every rank then raises."""
+        if error is not None:
+            raise error
+
     def on_main(self, fn: Callable[[], T], share: bool = False) -> T | None:
         """``fn()`` on rank 0; with ``share`` every rank gets its result (else ``None`` elsewhere)."""
         return fn()
@@ -479,6 +485,21 @@ class Distributed(Parallel):
         for other in self.gather(list(values)):
             totals = [t + v for t, v in zip(totals, other, strict=True)]
         return totals
+
+    def sum_tensors(self, tensors: Sequence[Tensor], error: BaseException | None = None) -> None:
+        """One ``all_reduce`` of the tensors flattened into one buffer, plus a failure flag: this runs at
+        every step of a refit, so no status exchange unless some rank failed (then the failing rank's error
+        is shared as in every phase)."""
+        flag = torch.tensor([0.0 if error is None else 1.0], device=self.comm_device)
+        buffer = torch.cat([t.reshape(-1).to(self.comm_device, torch.float32) for t in tensors] + [flag])
+        self._dist.all_reduce(buffer)
+        if float(buffer[-1]) > 0:
+            self._exchange(None, error)  # raises the failing rank's error on the others
+            raise error  # type: ignore[misc]  # only the failing rank gets here
+        offset = 0
+        for tensor in tensors:
+            tensor.copy_(buffer[offset : offset + tensor.numel()].view(tensor.shape))
+            offset += tensor.numel()
 
     def on_main(self, fn: Callable[[], T], share: bool = False) -> T | None:
         result, error = None, None

@@ -227,6 +227,7 @@ def render_model_card(
         skipped=[{"name": layer.name, "reason": layer.skipped} for layer in report.skipped],
         kept_dense=_kept_dense_rows(report),
         experts=_expert_statistics(report),
+        reconstruction=report.reconstruction_mean(),
         calibration=report.calibration,
         device=report.device,
         seconds=report.seconds,

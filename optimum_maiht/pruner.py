@@ -284,6 +284,7 @@ class MAIHTPruner:
             layers=result.layers,
             kept_dense=result.kept_dense,
             block_seconds=result.block_seconds,
+            reconstruction=result.reconstruction if self.config.reconstruction_epochs > 0 else None,
             base_model=getattr(getattr(self.model, "config", None), "name_or_path", None),
             calibration={
                 "source": describe_data(calibration_dataset),

@@ -72,6 +72,38 @@ class LayerReport:
 
 
 @dataclass
+class BlockReconstruction:
+    """Block reconstruction of one decoder block (docs/design.md, "Block reconstruction"): the relative
+    error of the pruned block's output against the dense block's, ``||Y - Y_dense||^2 / ||Y_dense||^2``,
+    before and after the refit of its kept weights."""
+
+    block: int
+    error_before: float
+    """On every calibration window, with the weights of the layer solves."""
+    error_after: float
+    """On every calibration window, with the weights kept."""
+    holdout_before: float
+    """On the held-out calibration batches, which choose the epoch kept."""
+    holdout_after: float
+    epochs: int
+    """Epochs whose weights were kept (0: the refit never lowered the held-out error)."""
+    epochs_run: int
+    seconds: float
+    skipped: str | None = None
+    """Why this block was not refitted (``None``: it was)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        if data["skipped"] is None:
+            del data["skipped"]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockReconstruction:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
+
+
+@dataclass
 class KeptDense:
     """A weight matrix inside the decoder blocks that was not a target, and why (router, ignored...)."""
 
@@ -238,6 +270,19 @@ class PruneReport:
     """Processes that pruned together (``torchrun``; docs/design.md, "Several processes")."""
     zero_shot: dict[str, ZeroShotResults] | None = None
     """lm-evaluation-harness results ``{"before": ..., "after": ...}`` (``prune(eval_tasks=...)``)."""
+    reconstruction: list[BlockReconstruction] | None = None
+    """Per decoder block, when block reconstruction was on (``reconstruction_epochs > 0``)."""
+
+    def reconstruction_mean(self) -> dict[str, float] | None:
+        """Mean over the refitted blocks of the output errors before and after, and their count."""
+        done = [b for b in self.reconstruction or [] if b.skipped is None]
+        if not done:
+            return None
+        return {
+            "blocks": len(done),
+            "error_before": sum(b.error_before for b in done) / len(done),
+            "error_after": sum(b.error_after for b in done) / len(done),
+        }
 
     @property
     def pruned(self) -> list[LayerReport]:
@@ -289,6 +334,8 @@ class PruneReport:
             data["evaluation"] = self.evaluation
         if self.zero_shot is not None:
             data["zero_shot"] = {when: results.to_dict() for when, results in self.zero_shot.items()}
+        if self.reconstruction is not None:
+            data["reconstruction"] = [block.to_dict() for block in self.reconstruction]
         data.update(
             {
                 "sparsity": self.sparsity,
@@ -326,6 +373,7 @@ class PruneReport:
             block_seconds=data.get("block_seconds") or [],
             world_size=data.get("world_size", 1),
             zero_shot=_zero_shot(data.get("zero_shot")),
+            reconstruction=_reconstruction(data.get("reconstruction")),
         )
 
 
@@ -333,6 +381,12 @@ def _zero_shot(data: Any) -> dict[str, ZeroShotResults] | None:
     if not isinstance(data, dict):
         return None
     return {when: ZeroShotResults.from_dict(results) for when, results in data.items()}
+
+
+def _reconstruction(data: Any) -> list[BlockReconstruction] | None:
+    if not isinstance(data, list):
+        return None
+    return [BlockReconstruction.from_dict(block) for block in data]
 
 
 def library_versions() -> dict[str, str]:

@@ -25,7 +25,8 @@ from .configuration import MAIHTConfig
 from .distributed import SINGLE, Parallel, SolveJob
 from .experts import ExpertGramRecorder, FusedExpertWeight, eager_experts, expert_groups, weight_view
 from .model_utils import find_decoder_blocks, weight_matrix
-from .report import KeptDense, LayerReport, layer_type
+from .reconstruction import holdout_batches, refit_block
+from .report import BlockReconstruction, KeptDense, LayerReport, layer_type
 from .solver import maiht_prune
 from .targets import BlockTargets, find_targets, kept_dense_weights
 
@@ -189,6 +190,8 @@ class SequentialResult:
     layers: list[LayerReport]
     kept_dense: list[KeptDense]
     block_seconds: list[float] = field(default_factory=list)
+    reconstruction: list[BlockReconstruction] = field(default_factory=list)
+    """Per block, when block reconstruction is on."""
 
 
 @dataclass
@@ -198,6 +201,7 @@ class FinishedBlock:
 
     layers: list[LayerReport]
     seconds: float
+    reconstruction: BlockReconstruction | None = None
 
 
 class BlockStore:
@@ -219,6 +223,11 @@ class BlockStore:
     def load(self, index: int, block: nn.Module) -> None:
         """Give block ``index`` real weights on the CPU (no-op when it has them)."""
 
+    def load_dense(self, index: int, block: nn.Module) -> None:
+        """Give block ``index`` its dense weights even when an earlier run pruned it (block reconstruction
+        carries the dense activations through finished blocks too); :meth:`load` then gives the pruned
+        ones. In memory no block is finished, so there is nothing to do."""
+
     def done(self, index: int, block: nn.Module, record: FinishedBlock) -> None:
         """Block ``index`` is pruned (its weights back on the CPU)."""
 
@@ -234,13 +243,14 @@ its free memory (the block, its Gram matrices and the solver need the rest)."""
 
 
 def activations_device(
-    model: nn.Module, input_ids: Tensor, device: torch.device, offload: bool | None
+    model: nn.Module, input_ids: Tensor, device: torch.device, offload: bool | None, sets: int = 2
 ) -> torch.device | None:
     """Where the calibration activations live between blocks: ``None`` (on ``device``) or the CPU.
 
-    ``offload=None`` decides by size: the CPU when the activations (input and output of a block:
-    ``2 * windows * length * hidden`` elements) would take more than :data:`OFFLOAD_SHARE` of the free
-    memory of the CUDA ``device``. On a CPU device there is nothing to offload.
+    ``offload=None`` decides by size: the CPU when the activations (``sets`` of them: the input and output
+    of a block, plus the dense model's activations with block reconstruction: ``sets * windows * length *
+    hidden`` elements) would take more than :data:`OFFLOAD_SHARE` of the free memory of the CUDA
+    ``device``. On a CPU device there is nothing to offload.
     """
     if device.type != "cuda" or offload is False:
         return None
@@ -249,7 +259,7 @@ def activations_device(
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         if not isinstance(hidden, int):
             return None
-        needed = 2 * input_ids.numel() * hidden * dtype.itemsize
+        needed = sets * input_ids.numel() * hidden * dtype.itemsize
         free, _ = torch.cuda.mem_get_info(device)
         if needed <= OFFLOAD_SHARE * free:
             return None
@@ -284,7 +294,8 @@ def prune_sequential(
     kept = kept_dense_weights(blocks_name, blocks, targets, config)
     home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     store.begin(input_ids, config)
-    parked = activations_device(model, input_ids, device, offload_activations)
+    sets = 3 if config.reconstruction_epochs > 0 else 2
+    parked = activations_device(model, input_ids, device, offload_activations, sets)
 
     store.load(0, blocks[0])
     _move_outside_blocks(model, blocks, device)
@@ -297,16 +308,25 @@ def prune_sequential(
         blocks[0].to(home)
 
     result = SequentialResult(layers=[], kept_dense=kept)
+    dense = list(hidden) if config.reconstruction_epochs > 0 else None  # the dense model's block inputs
     bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not progress)
     with eager_experts(model) if any(t.experts for t in targets) else contextlib.nullcontext():
         for i in bar:
             start = time.perf_counter()
             bar.set_postfix_str(f"layer {i}" + (f", {result.block_seconds[-1]:.1f} s/block" if i else ""))
+            finished = store.finished(i)
+            if dense is not None:  # the dense block's outputs: the next dense inputs and the refit's targets
+                (store.load if finished is None else store.load_dense)(i, blocks[i])
+                dense = run_calibration(blocks[i].to(device), dense, calls[i], device=device)
             store.load(i, blocks[i])
             block = blocks[i].to(device)
-            finished = store.finished(i)
             run_block = functools.partial(run_calibration, block, hidden, calls[i], device=device)
             layers = _prune_block(targets[i], run_block, config, parallel) if finished is None else []
+            rebuilt = None
+            if dense is not None and finished is None:
+                rebuilt = reconstruct_block(
+                    i, block, targets[i], layers, hidden, calls[i], dense, config, parallel
+                )
             hidden = run_calibration(block, hidden, calls[i], device=device)
             if not all(bool(torch.isfinite(h).all()) for h in hidden):
                 logger.warning(
@@ -316,11 +336,13 @@ def prune_sequential(
                 )
             blocks[i].to(home)
             if finished is None:
-                finished = FinishedBlock(layers, round(time.perf_counter() - start, 3))
+                finished = FinishedBlock(layers, round(time.perf_counter() - start, 3), rebuilt)
                 store.done(i, blocks[i], finished)
             store.release(i, blocks[i])
             result.layers += finished.layers
             result.block_seconds.append(finished.seconds)
+            if finished.reconstruction is not None:
+                result.reconstruction.append(finished.reconstruction)
     return result
 
 
@@ -342,6 +364,136 @@ def run_calibration(
             if after_batch is not None:
                 after_batch()
     return outputs
+
+
+# --------------------------------------------------------------------------------------------------
+# block reconstruction
+
+
+def reconstruct_block(
+    index: int,
+    block: nn.Module,
+    targets: BlockTargets,
+    layers: list[LayerReport],
+    hidden: list[Tensor],
+    calls: list[_BlockCall],
+    dense: list[Tensor],
+    config: MAIHTConfig,
+    parallel: Parallel = SINGLE,
+) -> BlockReconstruction:
+    """Refit the kept weights of the pruned targets of ``block`` (on its compute device) so that its output
+    on the pruned inputs ``hidden`` approaches the dense block's ``dense`` (docs/design.md, "Block
+    reconstruction"). The block runs in float32 (a half-precision block is cast and cast back); the zero
+    pattern of every pruned weight is kept exactly."""
+    start = time.perf_counter()
+    pruned = {layer.name.partition("[")[0] for layer in layers if layer.skipped is None}
+    params = [m.weight for n, m in targets.linears.items() if n in pruned]
+    params += [w.param for w in targets.experts if w.name in pruned]
+    counts = parallel.gather(len(hidden))
+    holdout = holdout_batches(counts, config.reconstruction_holdout, parallel.rank)
+    skipped = None
+    if not params:
+        skipped = "no pruned layer"
+    elif sum(counts) < 2:
+        skipped = (
+            f"{sum(counts)} calibration batch: none can be held out to choose the epochs; raise num_samples "
+            "or lower batch_size"
+        )
+        logger.warning("block %d: block reconstruction skipped: %s", index, skipped)
+    if skipped is not None:
+        return BlockReconstruction(index, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
+    train = [k for k in range(len(hidden)) if k not in holdout]
+    device = params[0].device
+    with _float32(block, params) as leaves:
+        masks = [p != 0 for p in leaves]
+        calls32 = [_float32_call(call) for call in calls]
+
+        def forward(k: int) -> Tensor:
+            return calls32[k].run(block, hidden[k].to(device, torch.float32))
+
+        fit = refit_block(
+            forward,
+            leaves,
+            masks,
+            dense,
+            train,
+            holdout,
+            config.reconstruction_lr,
+            config.reconstruction_epochs,
+            config.seed + index,
+            parallel,
+        )
+    seconds = round(time.perf_counter() - start, 3)
+    if fit.epochs == 0:
+        logger.info(
+            "block %d: the refit never lowered the held-out output error (%.4g); the weights of the layer "
+            "solves are kept",
+            index,
+            fit.holdout_before,
+        )
+    else:
+        logger.info(
+            "block %d: block reconstruction, output error %.4g -> %.4g (held out %.4g -> %.4g, "
+            "epoch %d of %d, %.1fs)",
+            index,
+            fit.error_before,
+            fit.error_after,
+            fit.holdout_before,
+            fit.holdout_after,
+            fit.epochs,
+            fit.epochs_run,
+            seconds,
+        )
+    return BlockReconstruction(
+        index,
+        fit.error_before,
+        fit.error_after,
+        fit.holdout_before,
+        fit.holdout_after,
+        fit.epochs,
+        fit.epochs_run,
+        seconds,
+    )
+
+
+@contextlib.contextmanager
+def _float32(block: nn.Module, params: list[nn.Parameter]):
+    """The block in float32 with ``params`` requiring grad, for the refit; afterwards every tensor gets
+    its dtype back and the zeros of ``params`` are re-imposed, so the cast cannot move the mask."""
+    tensors = list(block.parameters()) + list(block.buffers())
+    dtypes = [t.dtype for t in tensors]
+    wanted = [p.requires_grad for p in params]
+    masks = [p != 0 for p in params]
+    try:
+        for t in tensors:
+            if t.is_floating_point():
+                t.data = t.data.float()
+        for p in params:
+            p.requires_grad_(True)
+        yield params
+    finally:
+        with torch.no_grad():
+            for t, dtype in zip(tensors, dtypes, strict=True):
+                t.data = t.data.to(dtype)
+            for p, mask, flag in zip(params, masks, wanted, strict=True):
+                p.grad = None
+                p.masked_fill_(~mask, 0.0)
+                p.requires_grad_(flag)
+
+
+def _float32_call(call: _BlockCall) -> _BlockCall:
+    """``call`` with its floating-point tensors (rotary tables, additive masks) in float32."""
+
+    def cast(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            return value.float() if value.is_floating_point() else value
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(v) for v in value)
+        if isinstance(value, dict):
+            return {k: cast(v) for k, v in value.items()}
+        return value
+
+    return _BlockCall(cast(call.args), cast(call.kwargs), call.hidden_by_keyword)
 
 
 def _prune_block(

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .configuration import MAIHTConfig
 from .distributed import SINGLE, Parallel
 from .model_utils import block_prefix, check_model_source, find_decoder_blocks
-from .report import LayerReport, PruneReport
+from .report import BlockReconstruction, LayerReport, PruneReport
 from .sequential import BlockStore, FinishedBlock
 
 logger = logging.getLogger(__name__)
@@ -262,7 +262,9 @@ class PartialRun:
         for path in sorted(self.blocks.glob("block-*.json")):
             data = json.loads(path.read_text())
             layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
-            done[int(path.stem.split("-")[1])] = FinishedBlock(layers, data["seconds"])
+            rebuilt = data.get("reconstruction")
+            rebuilt = None if rebuilt is None else BlockReconstruction.from_dict(rebuilt)
+            done[int(path.stem.split("-")[1])] = FinishedBlock(layers, data["seconds"], rebuilt)
         return done
 
     def block_file(self, index: int) -> Path:
@@ -289,7 +291,9 @@ class PartialRun:
         tmp = path.with_name(path.name + ".tmp")
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
         os.replace(tmp, path)
-        data = {"layers": [layer.to_dict() for layer in record.layers], "seconds": record.seconds}
+        data: dict[str, Any] = {"layers": [r.to_dict() for r in record.layers], "seconds": record.seconds}
+        if record.reconstruction is not None:
+            data["reconstruction"] = record.reconstruction.to_dict()
         _write_atomic(path.with_suffix(".json"), json.dumps(data))
 
 
@@ -566,6 +570,10 @@ class StreamingStore(BlockStore):
         tensors = {prefix + k: v for k, v in block.state_dict().items()}
         self.parallel.on_main(lambda: self.partial.save_block(index, tensors, record))
         self._done[index] = record
+
+    def load_dense(self, index: int, block: nn.Module) -> None:
+        self._assign(self._block_groups(index), None)
+        self._loaded.discard(index)  # load() then gives the pruned weights of a finished block
 
     def release(self, index: int, block: nn.Module) -> None:
         for names in self._block_groups(index):

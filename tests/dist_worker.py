@@ -8,6 +8,8 @@
 ``fail_solve`` / ``fail_forward``: rank 1 raises inside a solve / a calibration forward.
 ``stream``: stream ``OUT_DIR/checkpoint`` into ``OUT_DIR/whole``; stream it into ``OUT_DIR/resumed`` with
 rank 1 failing once block 1 is in the partial folder, then resume that run.
+``reconstruction``: prune with block reconstruction on; save each rank's weights and report.
+``fail_refit``: rank 1 raises inside a step of the block reconstruction (between two gradient sums).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ CASES = {
     "qwen3_moe-2:4": ("qwen3_moe", dict(pattern="2:4", min_expert_tokens=0, experts_per_pass=3)),
 }
 FAILURE = "injected failure on rank 1"
+RECONSTRUCTION = dict(SMALL, batch_size=2, pattern="2:4", reconstruction_epochs=2, reconstruction_lr=1e-4)
 
 
 def build(case: str):
@@ -72,6 +75,40 @@ def compare(out: Path) -> None:
         )
         folder = out / f"{case}-saved-rank{rank}"  # only rank 0 may write it
         assert pruner.save_pretrained(folder) == folder.resolve()
+
+
+def reconstruction(out: Path) -> None:
+    from optimum_maiht import MAIHTConfig, MAIHTPruner
+
+    model = make_tiny_model("llama")
+    pruner = MAIHTPruner(model, MAIHTConfig(**RECONSTRUCTION))
+    pruner.prune(calibration_ids(), progress=False)
+    rank = int(os.environ["RANK"])
+    torch.save({"state": model.state_dict(), "report": pruner.report.to_dict()}, out / f"rec-rank{rank}.pt")
+
+
+def fail_refit() -> None:
+    import optimum_maiht.sequential as sequential
+    from optimum_maiht import MAIHTConfig, MAIHTPruner
+
+    if int(os.environ["RANK"]) == 1:
+        real = sequential._float32_call
+
+        def broken(call):
+            cast = real(call)
+            run = cast.run
+
+            def run_or_fail(block, hidden):
+                if torch.is_grad_enabled():  # a training step, not an error measurement
+                    raise ValueError(FAILURE)
+                return run(block, hidden)
+
+            cast.run = run_or_fail
+            return cast
+
+        sequential._float32_call = broken
+    pruner = MAIHTPruner(make_tiny_model("llama"), MAIHTConfig(**RECONSTRUCTION))
+    pruner.prune(calibration_ids(), progress=False)
 
 
 def fail(where: str) -> None:
@@ -154,5 +191,9 @@ if __name__ == "__main__":
         compare(out_dir)
     elif scenario == "stream":
         stream(out_dir)
+    elif scenario == "reconstruction":
+        reconstruction(out_dir)
+    elif scenario == "fail_refit":
+        fail_refit()
     else:
         fail(scenario.removeprefix("fail_"))

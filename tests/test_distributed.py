@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import calibration_ids
-from dist_worker import CASES, EVAL, FAILURE, prune
+from dist_worker import CASES, EVAL, FAILURE, RECONSTRUCTION, prune
 from transformers import AutoModelForCausalLM
 
 from optimum_maiht import distributed
@@ -122,7 +122,7 @@ def test_two_processes_prune_like_one(case, two_ranks):
         AutoModelForCausalLM.from_pretrained(saved)
 
 
-@pytest.mark.parametrize("where", ["solve", "forward"])
+@pytest.mark.parametrize("where", ["solve", "forward", "refit"])
 def test_a_failure_on_one_rank_stops_every_rank_with_its_message(where, tmp_path):
     start = time.monotonic()
     results = launch(f"fail_{where}", tmp_path)
@@ -131,6 +131,26 @@ def test_a_failure_on_one_rank_stops_every_rank_with_its_message(where, tmp_path
         assert result.returncode != 0, f"rank {rank} succeeded:\n{result.stdout[-3000:]}"
         assert FAILURE in result.stdout, f"rank {rank}:\n{result.stdout[-3000:]}"
     assert "ValueError: rank 1/2 failed: ValueError: " + FAILURE in results[0].stdout
+
+
+def test_two_processes_refit_blocks_with_the_same_steps(tmp_path):
+    """Block reconstruction under two ranks: the gradients are summed every step, so both ranks hold the
+    same refitted model; the 2:4 pattern survives and the refit lowers the blocks' output error."""
+    results = launch("reconstruction", tmp_path)
+    for rank, result in enumerate(results):
+        assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
+    ranks = [torch.load(tmp_path / f"rec-rank{r}.pt", weights_only=False) for r in (0, 1)]
+    for name, tensor in ranks[0]["state"].items():
+        assert torch.equal(tensor, ranks[1]["state"][name]), name
+        if name.endswith("proj.weight"):
+            assert int((tensor.reshape(-1, 4) != 0).sum(dim=1).max()) <= 2, name
+    report = PruneReport.from_dict(ranks[0]["report"])
+    for mine, theirs in zip(*(r["report"]["reconstruction"] for r in ranks), strict=True):
+        assert {**mine, "seconds": 0} == {**theirs, "seconds": 0}  # the same errors and epochs
+    assert report.config["reconstruction_epochs"] == RECONSTRUCTION["reconstruction_epochs"]
+    assert [b.block for b in report.reconstruction] == [0, 1]
+    assert all(b.epochs_run >= 1 and b.error_after <= b.error_before for b in report.reconstruction)
+    assert any(b.error_after < b.error_before for b in report.reconstruction)
 
 
 def test_single_process_takes_the_plain_path(monkeypatch):

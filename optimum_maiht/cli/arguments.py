@@ -80,6 +80,15 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
         "an expert routed fewer calibration tokens than this takes its statistics from every token "
         "(0: always the routed ones)",
     ),
+    "reconstruction_epochs": ConfigFlag(
+        int,
+        "experimental block reconstruction: at most this many epochs refitting each block's kept weights "
+        "to the dense block's output (0: off)",
+    ),
+    "reconstruction_lr": ConfigFlag(float, "Adam learning rate of the block reconstruction"),
+    "reconstruction_holdout": ConfigFlag(
+        float, "share of the calibration batches held out to choose the block reconstruction's epochs"
+    ),
 }
 """CLI wording of the ``MAIHTConfig`` fields; a field missing here still gets a flag (see config_flags)."""
 

@@ -355,6 +355,12 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
         lines.append(
             f"  kept dense   {len(report.kept_dense)} matrices that are not targets (listed in {REPORT_NAME})"
         )
+    rebuilt = report.reconstruction_mean()
+    if rebuilt is not None:
+        lines.append(
+            f"  block rec.   output error vs the dense blocks {rebuilt['error_before']:.4f} -> "
+            f"{rebuilt['error_after']:.4f} (mean of {rebuilt['blocks']} blocks)"
+        )
     if report.evaluation:
         lines.append(_perplexity_line(report.evaluation))
     if report.zero_shot:

@@ -1,0 +1,254 @@
+"""Block reconstruction (``reconstruction_epochs > 0``): the refit of a pruned block's kept weights to the
+dense block's output lowers its error, never moves a zero, keeps the starting weights when it cannot help,
+and is off by default (docs/design.md, "Block reconstruction")."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import calibration_ids, make_tiny_model
+from moe_models import make_moe_model
+from test_streaming import assert_same_tensors, fail_after, in_memory, make_checkpoint, streamed
+
+from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.cli.prune import prune_summary
+from optimum_maiht.experts import eager_experts
+from optimum_maiht.model_card import render_model_card
+from optimum_maiht.model_utils import find_decoder_blocks
+from optimum_maiht.reconstruction import holdout_batches
+from optimum_maiht.report import BlockReconstruction, PruneReport
+from optimum_maiht.sequential import _prune_block, capture_block_inputs, reconstruct_block, run_calibration
+from optimum_maiht.streaming import StreamingStore, partial_folder
+
+SMALL = dict(num_samples=16, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3)
+
+
+def config(**changes) -> MAIHTConfig:
+    return MAIHTConfig(**{**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 1e-4, **changes})
+
+
+def pruned_block(model, cfg: MAIHTConfig):
+    """Block 0 of ``model`` pruned by the layer solves, with what its refit needs: (block, targets, layer
+    reports, pruned inputs, calls, dense outputs)."""
+    from optimum_maiht.targets import find_targets
+
+    name, blocks = find_decoder_blocks(model)
+    targets = find_targets(model, name, blocks, cfg)[0]
+    ids = calibration_ids(cfg.num_samples, cfg.sequence_length)
+    hidden, calls = capture_block_inputs(model, blocks, ids, cfg.batch_size, torch.device("cpu"))
+    block = blocks[0]
+    dense = run_calibration(block, hidden, calls[0])
+    layers = _prune_block(targets, functools.partial(run_calibration, block, hidden, calls[0]), cfg)
+    return block, targets, layers, hidden, calls[0], dense
+
+
+def target_weights(targets) -> dict[str, torch.Tensor]:
+    weights = {n: m.weight for n, m in targets.linears.items()}
+    return weights | {w.name: w.param for w in targets.experts}
+
+
+def block_error(block, hidden, calls, dense) -> float:
+    out = run_calibration(block, hidden, calls)
+    num = sum(float((o.float() - d.float()).square().sum()) for o, d in zip(out, dense, strict=True))
+    return num / sum(float(d.float().square().sum()) for d in dense)
+
+
+@pytest.mark.parametrize(
+    "family, pattern",
+    [("llama", "unstructured"), ("llama", "2:4"), ("qwen3_moe", "unstructured"), ("qwen3_moe", "2:4")],
+)
+def test_refit_lowers_the_block_error_and_never_moves_a_zero(family: str, pattern: str) -> None:
+    moe = family == "qwen3_moe"
+    model = make_moe_model(family) if moe else make_tiny_model(family)
+    cfg = config(pattern=pattern, min_expert_tokens=0)
+    with eager_experts(model) if moe else contextlib.nullcontext():
+        block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
+        weights = target_weights(targets)
+        assert not moe or targets.experts  # the fused expert slices are refitted too
+        before = {n: w.detach().clone() for n, w in weights.items()}
+        others = {n: p.detach().clone() for n, p in block.named_parameters() if p.dim() < 2}  # norms
+        error_start = block_error(block, hidden, calls, dense)
+        result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+        error_end = block_error(block, hidden, calls, dense)
+
+    assert result.skipped is None and result.epochs >= 1
+    assert result.error_before == pytest.approx(error_start, rel=1e-5)
+    assert result.error_after == pytest.approx(error_end, rel=1e-5)
+    assert error_end < 0.95 * error_start
+    assert result.holdout_after < result.holdout_before
+    for name, weight in weights.items():
+        assert torch.equal(weight == 0, before[name] == 0), name  # the same zeros, exactly
+        assert not torch.equal(weight, before[name]), name  # and the kept weights moved
+        if pattern == "2:4":
+            groups = (weight.reshape(*weight.shape[:-1], -1, 4) != 0).sum(-1)
+            assert int(groups.max()) <= 2, name
+        else:
+            assert float((weight == 0).float().mean()) == pytest.approx(0.5, abs=1e-9), name
+    for name, param in block.named_parameters():
+        if name in others:
+            assert torch.equal(param, others[name]), name  # norms are not refitted
+
+
+def test_refit_keeps_the_starting_weights_when_it_cannot_help(caplog: pytest.LogCaptureFixture) -> None:
+    cfg = config(reconstruction_lr=10.0)  # diverges
+    block, targets, layers, hidden, calls, dense = pruned_block(make_tiny_model("llama"), cfg)
+    before = {n: p.detach().clone() for n, p in block.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="optimum_maiht.sequential"):
+        result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+    assert result.epochs == 0 and result.epochs_run >= 1
+    assert result.error_after == result.error_before and result.holdout_after == result.holdout_before
+    for name, tensor in block.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert "never lowered the held-out output error" in caplog.text
+
+
+def test_half_precision_block_is_refitted_in_float32_and_cast_back() -> None:
+    model = make_tiny_model("llama", dtype=torch.bfloat16)
+    cfg = config(pattern="2:4")
+    block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
+    zeros = {n: w == 0 for n, w in target_weights(targets).items()}
+    result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+    assert result.epochs >= 1 and result.error_after < result.error_before
+    assert all(p.dtype == torch.bfloat16 for p in block.parameters())
+    for name, weight in target_weights(targets).items():
+        assert torch.equal(weight == 0, zeros[name]), name
+
+
+def test_too_few_batches_skip_the_refit_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    model = make_tiny_model("llama")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    cfg = config(num_samples=4, batch_size=4)
+    with caplog.at_level(logging.WARNING, logger="optimum_maiht.sequential"):
+        pruner = MAIHTPruner(model, cfg)
+        pruner.prune(calibration_ids(4, 32), progress=False)
+    reference = MAIHTPruner(
+        make_tiny_model("llama"), config(num_samples=4, batch_size=4, reconstruction_epochs=0)
+    )
+    reference.prune(calibration_ids(4, 32), progress=False)
+    assert "block reconstruction skipped" in caplog.text and "raise num_samples" in caplog.text
+    assert [b.skipped is not None for b in pruner.report.reconstruction] == [True, True]
+    for name, param in model.named_parameters():
+        assert torch.equal(param, reference.model.get_parameter(name)), name
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_holdout_batches_spread_over_every_rank() -> None:
+    assert holdout_batches([16], 0.125) == [4, 12]  # one in eight, spread out
+    assert holdout_batches([3], 0.125) == [1]  # at least one
+    assert holdout_batches([8], 0.25) == [2, 6]
+    assert holdout_batches([2], 0.9) == [1]  # at least one batch to train on
+    assert [holdout_batches([4, 4], 0.25, rank) for rank in (0, 1)] == [[2], [2]]  # the same global batches
+    assert [holdout_batches([5, 3], 0.25, rank) for rank in (0, 1)] == [[2], [1]]
+
+
+def test_off_by_default_and_epochs_zero_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optimum_maiht.sequential as sequential
+
+    def never(*args, **kwargs):
+        raise AssertionError("block reconstruction ran while off")
+
+    monkeypatch.setattr(sequential, "reconstruct_block", never)
+    default = MAIHTPruner(make_tiny_model("llama"), MAIHTConfig(**SMALL))
+    default.prune(calibration_ids(16, 32), progress=False)
+    other = MAIHTConfig(**SMALL, reconstruction_lr=0.5, reconstruction_holdout=0.5)
+    zero = MAIHTPruner(make_tiny_model("llama"), other)
+    zero.prune(calibration_ids(16, 32), progress=False)
+    for name, tensor in default.model.state_dict().items():
+        assert torch.equal(tensor, zero.model.state_dict()[name]), name
+    assert default.report.reconstruction is None and "reconstruction" not in default.report.to_dict()
+    assert "Block reconstruction" not in str(render_model_card(default.report))
+
+
+def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
+    pruner = MAIHTPruner(make_tiny_model("llama"), config())
+    pruner.prune(calibration_ids(16, 32), progress=False)
+    report = pruner.report
+    assert [b.block for b in report.reconstruction] == [0, 1]
+    assert all(isinstance(b, BlockReconstruction) and b.epochs_run >= 1 for b in report.reconstruction)
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["config"]["reconstruction_epochs"] == 3
+    assert set(data["reconstruction"][0]) >= {"error_before", "error_after", "epochs", "holdout_after"}
+    again = PruneReport.from_dict(data)
+    assert again.reconstruction == report.reconstruction
+    mean = report.reconstruction_mean()
+    assert mean is not None and mean["error_after"] < mean["error_before"]
+    card = str(render_model_card(report))
+    assert "Block reconstruction (experimental)" in card and f"{mean['error_after']:.4f} after" in card
+    assert "`reconstruction_epochs` | `3`" in card
+    summary = prune_summary(report, "tiny", tmp_path, "dense", 1.0)
+    assert f"{mean['error_before']:.4f} -> {mean['error_after']:.4f} (mean of 2 blocks)" in summary
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"reconstruction_epochs": -1}, "reconstruction_epochs must be an integer >= 0"),
+        ({"reconstruction_epochs": 1.5}, "reconstruction_epochs must be an integer >= 0"),
+        ({"reconstruction_epochs": True}, "reconstruction_epochs must be an integer >= 0"),
+        ({"reconstruction_lr": 0}, "reconstruction_lr must be a finite number > 0"),
+        ({"reconstruction_lr": float("nan")}, "reconstruction_lr must be a finite number > 0"),
+        ({"reconstruction_lr": float("inf")}, "reconstruction_lr must be a finite number > 0"),
+        ({"reconstruction_lr": "1e-4"}, "reconstruction_lr must be a finite number > 0"),
+        ({"reconstruction_holdout": 0}, r"reconstruction_holdout must be a share in \(0, 1\)"),
+        ({"reconstruction_holdout": 1}, r"reconstruction_holdout must be a share in \(0, 1\)"),
+    ],
+)
+def test_config_validation_names_the_field(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        MAIHTConfig(**changes)
+
+
+def test_config_json_round_trip(tmp_path: Path) -> None:
+    cfg = MAIHTConfig(reconstruction_epochs=3, reconstruction_lr=3e-4, reconstruction_holdout=0.25)
+    again = MAIHTConfig.from_pretrained(cfg.save_pretrained(tmp_path))
+    assert again == cfg and again.reconstruction_lr == 3e-4
+    default = MAIHTConfig()
+    assert (default.reconstruction_epochs, default.reconstruction_holdout) == (0, 0.125)
+
+
+def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    source = make_checkpoint(tmp_path / "src")
+    cfg = config(num_samples=8, batch_size=2, iterations=2, refit_iterations=2)
+    report = in_memory(source, tmp_path / "memory", cfg)
+    with monkeypatch.context() as patch:
+        fail_after(patch, 1)
+        with pytest.raises(KeyboardInterrupt):
+            streamed(source, tmp_path / "streamed", cfg)
+    assert partial_folder(tmp_path / "streamed").is_dir()
+    dense_loads = []
+    load_dense = StreamingStore.load_dense
+    monkeypatch.setattr(
+        StreamingStore, "load_dense", lambda self, i, b: dense_loads.append(i) or load_dense(self, i, b)
+    )
+    resumed = streamed(source, tmp_path / "streamed", cfg, resume=True)
+    assert dense_loads == [0, 1]  # the finished blocks' dense outputs, from the checkpoint
+    assert_same_tensors(tmp_path / "memory", tmp_path / "streamed")
+    assert len(report.reconstruction) == 4
+    for mine, theirs in zip(report.reconstruction, resumed.reconstruction, strict=True):
+        assert {**mine.to_dict(), "seconds": 0} == {**theirs.to_dict(), "seconds": 0}
+
+
+def test_an_expert_module_no_token_reaches_is_left_as_pruned() -> None:
+    """Per-expert ``nn.Linear`` modules: the expert the router never chooses gets no gradient (no error)
+    and keeps the weights of its layer solve; the others are refitted."""
+    from test_moe import ToyExpertsMoE
+
+    model = make_tiny_model("llama")
+    for block in model.model.layers:
+        block.mlp = ToyExpertsMoE(64, 32, 4)
+    cfg = config()
+    block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
+    before = {n: w.detach().clone() for n, w in target_weights(targets).items()}
+    result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+    after = target_weights(targets)
+    assert result.epochs >= 1 and result.error_after < result.error_before
+    assert torch.equal(after["model.layers.0.mlp.experts.3.0"], before["model.layers.0.mlp.experts.3.0"])
+    assert not torch.equal(after["model.layers.0.mlp.experts.0.0"], before["model.layers.0.mlp.experts.0.0"])
