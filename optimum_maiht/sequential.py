@@ -310,10 +310,16 @@ def prune_sequential(
     result = SequentialResult(layers=[], kept_dense=kept)
     dense = list(hidden) if config.reconstruction_epochs > 0 else None  # the dense model's block inputs
     bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not progress)
+
+    def status(step: str) -> None:
+        """The bar's postfix: what runs now (a layer's solve, a pass...) and the last block's time."""
+        last = f", {result.block_seconds[-1]:.1f} s/block" if result.block_seconds else ""
+        bar.set_postfix_str(f"{step}{last}")
+
     with eager_experts(model) if any(t.experts for t in targets) else contextlib.nullcontext():
         for i in bar:
             start = time.perf_counter()
-            bar.set_postfix_str(f"layer {i}" + (f", {result.block_seconds[-1]:.1f} s/block" if i else ""))
+            status(f"block {i}: calibration")
             finished = store.finished(i)
             if dense is not None:  # the dense block's outputs: the next dense inputs and the refit's targets
                 (store.load if finished is None else store.load_dense)(i, blocks[i])
@@ -321,9 +327,10 @@ def prune_sequential(
             store.load(i, blocks[i])
             block = blocks[i].to(device)
             run_block = functools.partial(run_calibration, block, hidden, calls[i], device=device)
-            layers = _prune_block(targets[i], run_block, config, parallel) if finished is None else []
+            layers = _prune_block(targets[i], run_block, config, parallel, status) if finished is None else []
             rebuilt = None
             if dense is not None and finished is None:
+                status(f"block {i}: reconstruction")
                 rebuilt = reconstruct_block(
                     i, block, targets[i], layers, hidden, calls[i], dense, config, parallel
                 )
@@ -496,8 +503,16 @@ def _float32_call(call: _BlockCall) -> _BlockCall:
     return _BlockCall(cast(call.args), cast(call.kwargs), call.hidden_by_keyword)
 
 
+def _no_status(step: str) -> None:
+    pass
+
+
 def _prune_block(
-    targets: BlockTargets, run_block: Callable[..., Any], config: MAIHTConfig, parallel: Parallel = SINGLE
+    targets: BlockTargets,
+    run_block: Callable[..., Any],
+    config: MAIHTConfig,
+    parallel: Parallel = SINGLE,
+    status: Callable[[str], None] = _no_status,
 ) -> list[LayerReport]:
     """Collect the Gram matrices of one block's targets from the dense block and prune them.
 
@@ -506,7 +521,8 @@ def _prune_block(
     solved right after their pass: an expert's inputs depend only on the layers before the router and on
     its own first projection, so pruning one group does not change the next group's statistics. The
     linear layers are solved last, so every pass sees the same dense block. With several ranks, the
-    statistics are summed over the ranks before anything is decided or solved (``parallel``).
+    statistics are summed over the ranks before anything is decided or solved (``parallel``). ``status``
+    is told the name of each layer before its solve (the progress bar).
     """
     if not targets:
         return []
@@ -520,7 +536,7 @@ def _prune_block(
                 run_block(after_batch=collector.end_batch if collector else None)
             else:
                 reports += _prune_expert_group(
-                    targets.experts, group, run_block, config, collector if first else None, parallel
+                    targets.experts, group, run_block, config, collector if first else None, parallel, status
                 )
             if first and collector is not None:
                 collector.remove()
@@ -530,7 +546,7 @@ def _prune_block(
     if collector is not None:
         parallel.reduce_statistics(collector.gram, collector.tokens, collector.dropped_tokens)
         jobs = [_linear_job(n, m, collector) for n, m in targets.linears.items()]
-        reports = _solve_all(jobs, config, parallel) + reports
+        reports = _solve_all(jobs, config, parallel, status) + reports
     return reports
 
 
@@ -538,10 +554,16 @@ _Job = tuple[SolveJob, dict[str, Any]]
 """A layer problem and the report fields it adds (``tokens``, ``statistics``, ``transposed``)."""
 
 
-def _solve_all(jobs: list[_Job], config: MAIHTConfig, parallel: Parallel) -> list[LayerReport]:
+def _solve_all(
+    jobs: list[_Job], config: MAIHTConfig, parallel: Parallel, status: Callable[[str], None] = _no_status
+) -> list[LayerReport]:
     """Solve the jobs (spread over the ranks by ``parallel``) and complete their reports."""
     split_rows = config.formulation == "constraint" and (config.nm is not None or config.scope == "row")
-    solve = functools.partial(_solve, config=config)
+
+    def solve(name: str, weight: Tensor, gram: Tensor) -> LayerReport:
+        status(name)
+        return _solve(name, weight, gram, config=config)
+
     reports = parallel.solve([job for job, _ in jobs], solve, split_rows=split_rows)
     for report, (_, extra) in zip(reports, jobs, strict=True):
         for key, value in extra.items():
@@ -556,6 +578,7 @@ def _prune_expert_group(
     config: MAIHTConfig,
     collector: GramCollector | None,
     parallel: Parallel = SINGLE,
+    status: Callable[[str], None] = _no_status,
 ) -> list[LayerReport]:
     """One calibration pass accumulating the Grams of the experts in ``group`` (and of the linear layers,
     with ``collector``), then the starved experts' all-token statistics, then the solves. The routed
@@ -578,7 +601,7 @@ def _prune_expert_group(
         ]
         forced = _all_token_statistics(recorder, starved, parallel)
         jobs = [_expert_job(w, e, recorder, e in forced) for w in experts for e in group if e < w.num_experts]
-        return _solve_all(jobs, config, parallel)
+        return _solve_all(jobs, config, parallel, status)
 
 
 def _all_token_statistics(

@@ -252,3 +252,25 @@ def test_from_pretrained_loads_model_and_tokenizer_from_a_folder(tmp_path):
     assert pruner.tokenizer is not None
     pruner.prune(["some text for calibration " * 30], progress=False)
     assert pruner.report.sparsity == pytest.approx(0.5)
+
+
+def test_progress_bar_names_the_layer_being_solved_and_the_time_per_block(monkeypatch):
+    import optimum_maiht.sequential as sequential
+
+    postfixes: list[str] = []
+    real_tqdm = sequential.tqdm
+
+    def recording_tqdm(*args, **kwargs):
+        bar = real_tqdm(*args, **kwargs)
+        bar.set_postfix_str = lambda text, refresh=True: postfixes.append(text)
+        return bar
+
+    monkeypatch.setattr(sequential, "tqdm", recording_tqdm)
+    model = make_tiny_model("llama")
+    MAIHTPruner(model, MAIHTConfig(iterations=2, refit_iterations=2)).prune(calibration_ids(), progress=True)
+    blocks = len(find_decoder_blocks(model)[1])
+    for i in range(blocks):
+        assert f"block {i}: calibration" in " ".join(postfixes)
+        for layer in ("self_attn.q_proj", "mlp.down_proj"):
+            assert any(p.startswith(f"model.layers.{i}.{layer}") for p in postfixes), (i, layer, postfixes)
+    assert not postfixes[0].endswith("s/block") and postfixes[-1].endswith("s/block")
