@@ -2,8 +2,12 @@
 (docs/design.md, "Block reconstruction").
 
 After the layer solves have fixed the masks of a block, the kept weights of all its pruned targets are
-refitted jointly with Adam to minimise the relative squared error ``||block(X) - Y||^2 / ||Y||^2``, where
-``X`` are the pruned model's block inputs and ``Y`` the dense model's block outputs. Gradients are masked
+refitted jointly with Adam to minimise the mean over tokens of each token's relative squared error
+``||block(X)_t - Y_t||^2 / ||Y_t||^2``, where ``X`` are the pruned model's block inputs and ``Y`` the dense
+model's block outputs. Per token, because whatever reads the residual stream next (the next block, the
+final norm) first divides each token by its RMS: an error matters relative to its own token's norm. (One
+error over the whole batch is dominated by the few tokens with massive activations, the first of each
+window in most LLMs, and barely moves the others.) Gradients are masked
 and the zeros re-imposed after every step, so the sparsity pattern never changes. The number of epochs is
 chosen on held-out calibration batches: the weights with the lowest held-out error are kept, the starting
 weights included, so the refit never makes the held-out error worse.
@@ -58,19 +62,24 @@ def holdout_batches(counts: Sequence[int], share: float, rank: int = 0) -> list[
     return sorted(k - first for k in chosen if first <= k < first + counts[rank])
 
 
+def token_errors(out: Tensor, target: Tensor) -> Tensor:
+    """Each token's squared error relative to the squared norm of its target (float32, one per token)."""
+    target = target.to(out.device, torch.float32)
+    return (out.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-30)
+
+
 def output_error(
     forward: Callable[[int], Tensor], targets: Sequence[Tensor], batches: Sequence[int], parallel: Parallel
 ) -> float:
-    """``sum ||forward(k) - Y_k||^2 / sum ||Y_k||^2`` over ``batches`` (and over the ranks), no grad."""
-    num = den = 0.0
+    """The mean of :func:`token_errors` over the tokens of ``batches`` (and of the ranks), no grad."""
+    total = count = 0.0
     with torch.no_grad():
         for k in batches:
-            out = forward(k)
-            target = targets[k].to(out.device, torch.float32)
-            num += float((out.float() - target).square().sum())
-            den += float(target.square().sum())
-    num, den = parallel.sum([num, den])
-    return num / den if den > 0 else 0.0
+            errors = token_errors(forward(k), targets[k])
+            total += float(errors.sum())
+            count += errors.numel()
+    total, count = parallel.sum([total, count])
+    return total / count if count > 0 else 0.0
 
 
 def refit_block(
@@ -89,11 +98,11 @@ def refit_block(
     (the block on calibration batch ``k``) approaches ``targets[k]``.
 
     Adam with learning rate ``lr``, one step per training batch (order reshuffled each epoch), at most
-    ``epochs`` epochs; the loss of a batch is its relative squared error. After each epoch the error on the
-    ``holdout`` batches is measured; the weights with the lowest held-out error are kept (the starting ones
-    included) and the refit stops after :data:`PATIENCE` epochs without improvement or on a non-finite
-    loss. With several ranks (``parallel``) every step averages the gradients of the ranks' batches, so
-    every rank takes the same steps and ends with the same weights.
+    ``epochs`` epochs; the loss of a batch is the mean of its :func:`token_errors`. After each epoch the
+    error on the ``holdout`` batches is measured; the weights with the lowest held-out error are kept (the
+    starting ones included) and the refit stops after :data:`PATIENCE` epochs without improvement or on a
+    non-finite loss. With several ranks (``parallel``) every step averages the gradients of the ranks'
+    batches, so every rank takes the same steps and ends with the same weights.
     """
     everything = sorted([*train, *holdout])
     start_holdout = output_error(forward, targets, holdout, parallel)
@@ -148,9 +157,7 @@ def _step(
     try:
         if batch is not None:
             with torch.enable_grad():
-                out = forward(batch).float()
-                target = targets[batch].to(out.device, torch.float32)
-                loss = (out - target).square().sum() / target.square().sum().clamp_min(1e-30)
+                loss = token_errors(forward(batch), targets[batch]).mean()
                 # allow_unused: an expert that no token of this batch was routed to gets no gradient
                 found = list(torch.autograd.grad(loss, params, allow_unused=True))
             flags[0] = 1.0

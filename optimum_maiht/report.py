@@ -73,9 +73,9 @@ class LayerReport:
 
 @dataclass
 class BlockReconstruction:
-    """Block reconstruction of one decoder block (docs/design.md, "Block reconstruction"): the relative
-    error of the pruned block's output against the dense block's, ``||Y - Y_dense||^2 / ||Y_dense||^2``,
-    before and after the refit of its kept weights."""
+    """Block reconstruction of one decoder block (docs/design.md, "Block reconstruction"): the error of the
+    pruned block's output against the dense block's, the mean over tokens of ``||Y_t - Y_dense_t||^2 /
+    ||Y_dense_t||^2``, before and after the refit of its kept weights."""
 
     block: int
     error_before: float

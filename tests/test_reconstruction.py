@@ -54,9 +54,13 @@ def target_weights(targets) -> dict[str, torch.Tensor]:
 
 
 def block_error(block, hidden, calls, dense) -> float:
+    """The mean over tokens of each token's squared error relative to its dense output's squared norm."""
     out = run_calibration(block, hidden, calls)
-    num = sum(float((o.float() - d.float()).square().sum()) for o, d in zip(out, dense, strict=True))
-    return num / sum(float(d.float().square().sum()) for d in dense)
+    errors = [
+        ((o.double() - d.double()).square().sum(-1) / d.double().square().sum(-1)).flatten()
+        for o, d in zip(out, dense, strict=True)
+    ]
+    return float(torch.cat(errors).mean())
 
 
 @pytest.mark.parametrize(
