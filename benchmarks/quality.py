@@ -12,7 +12,11 @@ Methods (``--methods``):
   the other reconstruction fields at their defaults; ``--maiht-option`` applies here too);
 * ``wanda-rec`` (not run unless asked for): Wanda's mask (mAIHT with ``iterations=0`` and
   ``refit_iterations=0``: its first projection is the Wanda mask, the kept weights unchanged up to float32
-  rounding) plus the same block reconstruction.
+  rounding) plus the same block reconstruction;
+* ``sparsegpt-ref``, ``sparsegpt-rec`` (not run unless asked for): our reference SparseGPT
+  (``sparsegpt_reference.py``, the paper's Algorithm 1) as the layer solver of ``MAIHTPruner``'s pipeline,
+  without and with the same block reconstruction: SparseGPT's masks and weights under exactly the refit
+  mAIHT gets (``sparsegpt-ref`` checks the reimplementation against ``sparsegpt-llmc``).
 
 Settings (``--settings``): ``50%``, ``60%``, ``70%`` (unstructured), ``2:4``, ``4:8``.
 
@@ -29,11 +33,13 @@ plot. Run it with the benchmark virtualenv (``benchmarks/setup_llmcompressor.sh`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -63,10 +69,12 @@ MAIHT_METHODS: dict[str, dict[str, Any]] = {
     "maiht": {},
     "maiht-rec": RECONSTRUCTION,
     "wanda-rec": {"iterations": 0, "refit_iterations": 0, **RECONSTRUCTION},
+    "sparsegpt-ref": {},
+    "sparsegpt-rec": RECONSTRUCTION,
 }
 """Methods run by ``MAIHTPruner``: the ``MAIHTConfig`` fields each sets (before ``--maiht-option``)."""
 DEFAULT_METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
-METHODS = DEFAULT_METHODS + ["maiht-rec", "wanda-rec"]
+METHODS = DEFAULT_METHODS + ["maiht-rec", "wanda-rec", "sparsegpt-ref", "sparsegpt-rec"]
 SETTINGS = ["50%", "60%", "70%", "2:4", "4:8"]
 RESULTS = RESULTS_DIR / "quality.json"
 
@@ -155,6 +163,29 @@ def prune_llmc(
     return {"modifier": modifier.model_dump(mode="json", exclude_none=True)}
 
 
+def sparsegpt_solver(weight: torch.Tensor, gram: torch.Tensor, **kwargs: Any) -> Any:
+    """Our reference SparseGPT with ``maiht_prune``'s signature and result (errors, no iterations)."""
+    from sparsegpt_reference import sparsegpt_prune
+
+    from optimum_maiht.solver import SolverResult, relative_output_error
+
+    pruned = sparsegpt_prune(weight, gram, kwargs["sparsity"], kwargs["nm"])
+    error = relative_output_error(pruned, weight, gram)
+    return SolverResult(weight=pruned, mask=pruned != 0, error_init=error, error=error)
+
+
+@contextlib.contextmanager
+def solver_swapped(solver: Any):
+    """Within the block, the pipeline's layer solver is ``solver`` (None: unchanged)."""
+    if solver is None:
+        yield
+        return
+    from unittest import mock
+
+    with mock.patch("optimum_maiht.sequential.maiht_prune", solver):
+        yield
+
+
 def prune_maiht(
     model: torch.nn.Module,
     tokenizer: Any,
@@ -165,8 +196,10 @@ def prune_maiht(
     seed: int,
     options: dict[str, Any],
     report_dir: Path,
+    solver: str = "maiht",
 ) -> dict[str, Any]:
-    """MAIHTPruner at its defaults (plus ``options``) on the given calibration tensor."""
+    """MAIHTPruner at its defaults (plus ``options``) on the given calibration tensor; ``solver="sparsegpt"``
+    puts our reference SparseGPT in mAIHT's place for every layer."""
     from optimum_maiht import MAIHTConfig, MAIHTPruner
 
     settings = {
@@ -179,7 +212,8 @@ def prune_maiht(
         **options,
     }
     pruner = MAIHTPruner(model, MAIHTConfig(**settings), tokenizer=tokenizer, device="cpu")
-    pruner.prune(ids, progress=False)
+    with solver_swapped(sparsegpt_solver if solver == "sparsegpt" else None):
+        pruner.prune(ids, progress=False)
     report = pruner.report.to_dict()
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / f"maiht-{pattern.replace(':', 'of')}-{sparsity:g}-{int(time.time())}.json").write_text(
@@ -231,6 +265,7 @@ def run_one(
             seed,
             {**MAIHT_METHODS[method], **options},
             RESULTS_DIR.parent / "work" / "reports",
+            solver="sparsegpt" if method.startswith("sparsegpt-") else "maiht",
         )
     elif method != "dense":
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
@@ -356,6 +391,9 @@ def main() -> int:
     runs = [(m, "dense") for m in methods if m == "dense"]
     runs += [(m, s) for s in settings for m in methods if m != "dense"]
     driver_command = command_line()
+    # a driver terminated by `timeout` or `kill` takes its running worker with it: SystemExit interrupts
+    # subprocess.run, which then kills the child
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     failures = 0
     for method, setting in runs:
         with tempfile.TemporaryDirectory() as tmp:

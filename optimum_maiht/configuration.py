@@ -91,7 +91,8 @@ class MAIHTConfig:
             error on held-out calibration batches (possibly none: the weights of the layer solves). Costs
             one more forward per block (the dense outputs), one more set of activations, and up to this
             many epochs of forward and backward passes. 0 (default): off.
-        reconstruction_lr: Adam's learning rate of the reconstruction, ``> 0``.
+        reconstruction_lr: Adam's learning rate of the reconstruction, ``> 0``. 1e-3 had the lowest
+            held-out calibration error on the demo model's first blocks among 3e-4, 1e-3 and 3e-3.
         reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
             at least one batch is held out. With fewer than two batches the reconstruction is skipped, with
             a warning (raise ``num_samples`` or lower ``batch_size``).
@@ -113,7 +114,7 @@ class MAIHTConfig:
     experts_per_pass: int | None = None
     min_expert_tokens: int = 128
     reconstruction_epochs: int = 0
-    reconstruction_lr: float = 1e-4
+    reconstruction_lr: float = 1e-3
     reconstruction_holdout: float = 0.125
 
     def __post_init__(self) -> None:
@@ -166,7 +167,7 @@ class MAIHTConfig:
     def _check_reconstruction(self) -> None:
         lr, holdout = self.reconstruction_lr, self.reconstruction_holdout
         if not _is_number(lr) or not 0 < lr < float("inf"):
-            raise ValueError(f"reconstruction_lr must be a finite number > 0, got {lr!r}; e.g. 1e-4")
+            raise ValueError(f"reconstruction_lr must be a finite number > 0, got {lr!r}; e.g. 1e-3")
         if not _is_number(holdout) or not 0 < holdout < 1:
             raise ValueError(
                 f"reconstruction_holdout must be a share in (0, 1) of the calibration batches, got "
