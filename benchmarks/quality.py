@@ -8,11 +8,12 @@ Methods (``--methods``):
   through ``oneshot`` (its sequential pipeline, its defaults, ``lm_head`` ignored);
 * ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (``--maiht-option key=value`` overrides a
   ``MAIHTConfig`` field, and the run is then labelled with it);
-* ``maiht-rec`` (not run unless asked for): mAIHT plus block reconstruction (``reconstruction_epochs=5``,
+* ``maiht-rec`` (not run unless asked for): mAIHT plus block reconstruction (``reconstruction_epochs=4``,
   the other reconstruction fields at their defaults; ``--maiht-option`` applies here too);
 * ``wanda-rec`` (not run unless asked for): Wanda's mask (mAIHT with ``iterations=0`` and
   ``refit_iterations=0``: its first projection is the Wanda mask, the kept weights unchanged up to float32
-  rounding) plus the same block reconstruction;
+  rounding) plus the same block reconstruction (``--maiht-option`` overrides these fields too: pass
+  ``iterations`` only to a ``maiht`` / ``maiht-rec`` run of its own);
 * ``sparsegpt-ref``, ``sparsegpt-rec`` (not run unless asked for): our reference SparseGPT
   (``sparsegpt_reference.py``, the paper's Algorithm 1) as the layer solver of ``MAIHTPruner``'s pipeline,
   without and with the same block reconstruction: SparseGPT's masks and weights under exactly the refit
@@ -64,7 +65,7 @@ from bench_common import (
 
 logger = logging.getLogger("quality")
 
-RECONSTRUCTION = {"reconstruction_epochs": 5}
+RECONSTRUCTION = {"reconstruction_epochs": 4}
 MAIHT_METHODS: dict[str, dict[str, Any]] = {
     "maiht": {},
     "maiht-rec": RECONSTRUCTION,
@@ -354,7 +355,8 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a MAIHTConfig field for the maiht, maiht-rec and wanda-rec runs (repeatable)",
+        help="override a MAIHTConfig field for every run through MAIHTPruner (maiht, maiht-rec, wanda-rec, "
+        "sparsegpt-ref, sparsegpt-rec; repeatable)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON list the records are appended to")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)

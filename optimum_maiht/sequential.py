@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -397,7 +398,7 @@ def reconstruct_block(
     params = [m.weight for n, m in targets.linears.items() if n in pruned]
     params += [w.param for w in targets.experts if w.name in pruned]
     counts = parallel.gather(len(hidden))
-    holdout = holdout_batches(counts, config.reconstruction_holdout, parallel.rank)
+    held_batches = holdout_batches(counts, config.reconstruction_holdout, parallel.rank)
     skipped = None
     if not params:
         skipped = "no pruned layer"
@@ -409,20 +410,23 @@ def reconstruct_block(
         logger.warning("block %d: block reconstruction skipped: %s", index, skipped)
     if skipped is not None:
         return BlockReconstruction(index, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
-    train = [k for k in range(len(hidden)) if k not in holdout]
     device = params[0].device
     with _float32(block, params) as leaves:
         masks = [p != 0 for p in leaves]
         calls32 = [_float32_call(call) for call in calls]
+        pieces = _refit_pieces(index, block, hidden, calls32, config.reconstruction_batch_size, device)
+        holdout = [j for j, piece in enumerate(pieces) if piece.batch in held_batches]
+        train = [j for j, piece in enumerate(pieces) if piece.batch not in held_batches]
 
-        def forward(k: int) -> Tensor:
-            return calls32[k].run(block, hidden[k].to(device, torch.float32))
+        def forward(j: int) -> Tensor:
+            piece = pieces[j]
+            return piece.call.run(block, hidden[piece.batch][piece.rows].to(device, torch.float32))
 
         fit = refit_block(
             forward,
             leaves,
             masks,
-            dense,
+            [dense[piece.batch][piece.rows] for piece in pieces],
             train,
             holdout,
             config.reconstruction_lr,
@@ -463,6 +467,58 @@ def reconstruct_block(
     )
 
 
+@dataclass
+class _Piece:
+    """The windows ``rows`` of calibration batch ``batch``: one step of the refit, with its call."""
+
+    batch: int
+    rows: slice
+    call: _BlockCall
+
+
+def _refit_pieces(
+    index: int,
+    block: nn.Module,
+    hidden: list[Tensor],
+    calls: list[_BlockCall],
+    size: int,
+    device: torch.device,
+) -> list[_Piece]:
+    """The calibration batches cut into pieces of ``size`` windows, one Adam step each: the same tokens per
+    epoch in more, smaller steps. The cut calls are checked once against the
+    whole batch's forward; a model whose call cannot be cut by rows (a per-window tensor the rule of
+    :func:`_rows_call` misses) falls back to whole batches, with a warning."""
+    whole = [_Piece(k, slice(None), call) for k, call in enumerate(calls)]
+    if all(len(h) <= size for h in hidden):
+        return whole
+    pieces = [
+        _Piece(k, slice(start, start + size), _rows_call(call, slice(start, start + size), len(h)))
+        for k, (h, call) in enumerate(zip(hidden, calls, strict=True))
+        for start in range(0, len(h), size)
+    ]
+    first = next(p for p in pieces if p.rows.stop < len(hidden[p.batch]))
+    h = hidden[first.batch].to(device, torch.float32)
+    try:
+        with torch.no_grad():
+            full = calls[first.batch].run(block, h)[first.rows]
+            cut = first.call.run(block, h[first.rows])
+        gap = float((cut - full).norm() / full.norm().clamp_min(1e-30))
+    except (RuntimeError, ValueError, IndexError) as err:
+        gap, reason = math.inf, f"{type(err).__name__}: {err}"
+    else:
+        reason = f"relative difference {gap:.3g}"
+    if gap > 1e-4:
+        logger.warning(
+            "block %d: its calibration batches cannot be cut into pieces of %d windows for the refit (%s); "
+            "refitting on whole batches (batch_size)",
+            index,
+            size,
+            reason,
+        )
+        return whole
+    return pieces
+
+
 @contextlib.contextmanager
 def _float32(block: nn.Module, params: list[nn.Parameter]):
     """The block in float32 with ``params`` requiring grad, for the refit; afterwards every tensor gets
@@ -488,19 +544,32 @@ def _float32(block: nn.Module, params: list[nn.Parameter]):
                 p.requires_grad_(flag)
 
 
-def _float32_call(call: _BlockCall) -> _BlockCall:
-    """``call`` with its floating-point tensors (rotary tables, additive masks) in float32."""
+def _map_call(call: _BlockCall, fn: Callable[[Tensor], Tensor]) -> _BlockCall:
+    """``call`` with ``fn`` applied to every tensor of its args and kwargs (inside tuples, lists, dicts)."""
 
-    def cast(value: Any) -> Any:
+    def apply(value: Any) -> Any:
         if isinstance(value, Tensor):
-            return value.float() if value.is_floating_point() else value
+            return fn(value)
         if isinstance(value, (tuple, list)):
-            return type(value)(cast(v) for v in value)
+            return type(value)(apply(v) for v in value)
         if isinstance(value, dict):
-            return {k: cast(v) for k, v in value.items()}
+            return {k: apply(v) for k, v in value.items()}
         return value
 
-    return _BlockCall(cast(call.args), cast(call.kwargs), call.hidden_by_keyword)
+    return _BlockCall(apply(call.args), apply(call.kwargs), call.hidden_by_keyword)
+
+
+def _float32_call(call: _BlockCall) -> _BlockCall:
+    """``call`` with its floating-point tensors (rotary tables, additive masks) in float32."""
+    return _map_call(call, lambda t: t.float() if t.is_floating_point() else t)
+
+
+def _rows_call(call: _BlockCall, rows: slice, batch: int) -> _BlockCall:
+    """``call`` cut to the windows ``rows`` of its batch of ``batch``: every tensor of two or more
+    dimensions whose first is ``batch`` (attention masks, position ids, per-window rotary tables) is sliced;
+    the rest (shared rotary tables of batch 1, cache positions) is kept. :func:`refit_pieces`' check
+    catches a model whose call this rule gets wrong."""
+    return _map_call(call, lambda t: t[rows] if t.dim() >= 2 and t.shape[0] == batch else t)
 
 
 def _no_status(step: str) -> None:

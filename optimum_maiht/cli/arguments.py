@@ -89,6 +89,11 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
     "reconstruction_holdout": ConfigFlag(
         float, "share of the calibration batches held out to choose the block reconstruction's epochs"
     ),
+    "reconstruction_batch_size": ConfigFlag(
+        int,
+        "calibration windows per Adam step of the block reconstruction (each batch is cut into pieces; "
+        "--batch-size or more: one step per batch)",
+    ),
 }
 """CLI wording of the ``MAIHTConfig`` fields; a field missing here still gets a flag (see config_flags)."""
 
