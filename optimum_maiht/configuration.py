@@ -85,7 +85,7 @@ class MAIHTConfig:
         min_expert_tokens: an expert that the router sends fewer calibration tokens to gets its Gram
             matrices from every calibration token instead (statistics only; its outputs are unchanged);
             0 always uses the routed tokens.
-        reconstruction_epochs: block reconstruction (experimental, off by default: 3-4x the time;
+        reconstruction_epochs: block reconstruction (experimental, off by default: 4-5x SparseGPT's time;
             docs/design.md, "Block reconstruction"): after the masks of a block are chosen, refit the kept
             weights of all its pruned layers jointly to the dense model's block output with Adam, for at
             most this many epochs over the calibration batches. The epoch kept is the one with the lowest
