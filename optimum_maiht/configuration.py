@@ -100,7 +100,8 @@ class MAIHTConfig:
         reconstruction_batch_size: calibration windows per Adam step of the reconstruction: each batch of
             ``batch_size`` windows is cut into pieces of this many, so an epoch over the same tokens takes
             more, smaller steps (``>= batch_size``: one step per batch). The held-out windows are the same
-            either way. 1 lowered the demo model's perplexity by about 3.5% against whole batches of 8.
+            either way. On the demo model, 1 lowered perplexity by 3.6% at 50% and 10% at 2:4 against
+            whole batches of 8.
     """
 
     sparsity: float | None = None

@@ -398,7 +398,7 @@ def reconstruct_block(
     params = [m.weight for n, m in targets.linears.items() if n in pruned]
     params += [w.param for w in targets.experts if w.name in pruned]
     counts = parallel.gather(len(hidden))
-    held_batches = holdout_batches(counts, config.reconstruction_holdout, parallel.rank)
+    held_batches = set(holdout_batches(counts, config.reconstruction_holdout, parallel.rank))
     skipped = None
     if not params:
         skipped = "no pruned layer"
@@ -485,9 +485,9 @@ def _refit_pieces(
     device: torch.device,
 ) -> list[_Piece]:
     """The calibration batches cut into pieces of ``size`` windows, one Adam step each: the same tokens per
-    epoch in more, smaller steps. The cut calls are checked once against the
-    whole batch's forward; a model whose call cannot be cut by rows (a per-window tensor the rule of
-    :func:`_rows_call` misses) falls back to whole batches, with a warning."""
+    epoch in more, smaller steps. The first cut call is checked against the whole batch's forward; a model
+    whose call cannot be cut by rows (a per-window tensor the rule of :func:`_rows_call` misses) falls back
+    to whole batches, with a warning."""
     whole = [_Piece(k, slice(None), call) for k, call in enumerate(calls)]
     if all(len(h) <= size for h in hidden):
         return whole
@@ -567,7 +567,7 @@ def _float32_call(call: _BlockCall) -> _BlockCall:
 def _rows_call(call: _BlockCall, rows: slice, batch: int) -> _BlockCall:
     """``call`` cut to the windows ``rows`` of its batch of ``batch``: every tensor of two or more
     dimensions whose first is ``batch`` (attention masks, position ids, per-window rotary tables) is sliced;
-    the rest (shared rotary tables of batch 1, cache positions) is kept. :func:`refit_pieces`' check
+    the rest (shared rotary tables of batch 1, cache positions) is kept. :func:`_refit_pieces`' check
     catches a model whose call this rule gets wrong."""
     return _map_call(call, lambda t: t[rows] if t.dim() >= 2 and t.shape[0] == batch else t)
 
