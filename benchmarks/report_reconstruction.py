@@ -68,9 +68,9 @@ def render(runs: list[dict[str, Any]], peers: list[dict[str, Any]]) -> str:
         "SparseGPT at the same setting, run on the same host (`host`: "
         + ", ".join(f"{i} = `{h}`" for i, h in enumerate(hosts))
         + ") where there is one, i.e. back to back with the run (otherwise the latest of any host). "
-        "Block error: the mean over blocks of the reported output error against the dense block on all "
-        "calibration windows, before and after the refit (its definition changed between versions, see the "
-        "commit column).",
+        "Block error: the mean over blocks of the reported output error against the dense block (on all "
+        "calibration windows until report version 3, on the held-out windows since), before and after the "
+        "refit (see the commit column).",
         "",
         "| setting | method | commit | host | perplexity | x SparseGPT | prune (s) | x SparseGPT time "
         "| block error |",

@@ -15,8 +15,11 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-REPORT_VERSION = 2
-"""Version 1 (optimum-maiht 0.1.0) had no ``report_version`` and no ``kept_dense``; both are read."""
+REPORT_VERSION = 3
+"""Version 1 (optimum-maiht 0.1.0) had no ``report_version`` and no ``kept_dense``. Version 2's block
+reconstruction errors were measured on every calibration window, with the held-out ones beside them as
+``holdout_before`` / ``holdout_after``; version 3 keeps only the held-out ones, as ``error_before`` /
+``error_after``. All are read."""
 
 _BLOCK_PREFIX = re.compile(r"^.*?\.\d+\.")  # "model.layers.3." in "model.layers.3.mlp.up_proj"
 _INNER_INDEX = re.compile(r"\.\d+\.")  # per-expert modules: "mlp.experts.7.up_proj"
@@ -75,16 +78,14 @@ class LayerReport:
 class BlockReconstruction:
     """Block reconstruction of one decoder block (docs/design.md, "Block reconstruction"): the error of the
     pruned block's output against the dense block's, the mean over tokens of ``||Y_t - Y_dense_t||^2 /
-    ||Y_dense_t||^2``, before and after the refit of its kept weights."""
+    ||Y_dense_t||^2`` on the held-out calibration batches (no step of the refit has seen them; they choose
+    the epoch kept), before and after the refit of its kept weights."""
 
     block: int
     error_before: float
-    """On every calibration window, with the weights of the layer solves."""
+    """With the weights of the layer solves."""
     error_after: float
-    """On every calibration window, with the weights kept."""
-    holdout_before: float
-    """On the held-out calibration batches, which choose the epoch kept."""
-    holdout_after: float
+    """With the weights kept."""
     epochs: int
     """Epochs whose weights were kept (0: the refit never lowered the held-out error)."""
     epochs_run: int
@@ -100,6 +101,8 @@ class BlockReconstruction:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockReconstruction:
+        if "holdout_before" in data:  # report version 2: the held-out errors under other names
+            data = {**data, "error_before": data["holdout_before"], "error_after": data["holdout_after"]}
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -350,7 +353,7 @@ class PruneReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneReport:
-        """Read a saved report (version 1 or 2); the derived fields (sparsity, counts) are recomputed."""
+        """Read a saved report (version 1, 2 or 3); the derived fields (sparsity, counts) are recomputed."""
         version = data.get("report_version", 1)
         if not isinstance(version, int) or version > REPORT_VERSION:
             raise ValueError(

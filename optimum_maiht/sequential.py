@@ -409,7 +409,7 @@ def reconstruct_block(
         )
         logger.warning("block %d: block reconstruction skipped: %s", index, skipped)
     if skipped is not None:
-        return BlockReconstruction(index, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
+        return BlockReconstruction(index, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
     device = params[0].device
     with _float32(block, params) as leaves:
         masks = [p != 0 for p in leaves]
@@ -440,31 +440,19 @@ def reconstruct_block(
             "block %d: the refit never lowered the held-out output error (%.4g); the weights of the layer "
             "solves are kept",
             index,
-            fit.holdout_before,
+            fit.error_before,
         )
     else:
         logger.info(
-            "block %d: block reconstruction, output error %.4g -> %.4g (held out %.4g -> %.4g, "
-            "epoch %d of %d, %.1fs)",
+            "block %d: block reconstruction, held-out output error %.4g -> %.4g (epoch %d of %d, %.1fs)",
             index,
             fit.error_before,
             fit.error_after,
-            fit.holdout_before,
-            fit.holdout_after,
             fit.epochs,
             fit.epochs_run,
             seconds,
         )
-    return BlockReconstruction(
-        index,
-        fit.error_before,
-        fit.error_after,
-        fit.holdout_before,
-        fit.holdout_after,
-        fit.epochs,
-        fit.epochs_run,
-        seconds,
-    )
+    return BlockReconstruction(index, fit.error_before, fit.error_after, fit.epochs, fit.epochs_run, seconds)
 
 
 @dataclass

@@ -358,7 +358,7 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
     rebuilt = report.reconstruction_mean()
     if rebuilt is not None:
         lines.append(
-            f"  block rec.   output error vs the dense blocks {rebuilt['error_before']:.4f} -> "
+            f"  block rec.   held-out output error vs the dense blocks {rebuilt['error_before']:.4f} -> "
             f"{rebuilt['error_after']:.4f} (mean of {rebuilt['blocks']} blocks)"
         )
     if report.evaluation:
