@@ -1,0 +1,125 @@
+"""Trial (not adopted): dense targets in the layer problem, on the demo model, without block reconstruction.
+
+The pipeline's layer problem fits the dense layer on the *pruned* model's inputs,
+``min ||X_p W^T - X_p W0^T||^2``. With dense targets it fits the dense model's output instead,
+``min ||X_p W^T - X_d W0^T||^2`` (``X_d``: the dense model's inputs of the same tokens), whose unconstrained
+solution is ``W* = W0 C^T H^-1`` with ``H = X_p^T X_p`` and the cross Gram ``C = X_p^T X_d``. Up to a
+constant this is the pipeline's problem with ``W0`` replaced by ``W*``, so mAIHT runs unchanged on ``W*``.
+``W*`` is computed as ``W0 + W0 (C - H)^T (H + damp diag(H))^-1`` so that the damping only touches the
+correction (block 0, where ``X_p = X_d``, gets exactly ``W0``).
+
+Each run prunes every ``nn.Linear`` of the 30 blocks at 50% or 2:4 (mAIHT, 5 iterations / 5 CG steps),
+carries the dense activations beside the pruned ones, records each block's output error against the dense
+block (mean over tokens of the relative squared error) and the perplexity of the quality benchmark, and
+appends a record to ``results/dense_target_trial.json``::
+
+    .venv/bin/python benchmarks/dense_target_trial.py --mode plain --setting 50%
+    .venv/bin/python benchmarks/dense_target_trial.py --mode dense --setting 50% --damp 1.0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+from bench_common import EVAL_LENGTH, calibration_ids, command_line, load_demo, machine, test_windows, versions
+from torch import nn
+
+from optimum_maiht.evaluation import perplexity
+from optimum_maiht.sequential import capture_block_inputs
+from optimum_maiht.solver import maiht_prune
+
+RESULTS = Path(__file__).parent / "results" / "dense_target_trial.json"
+
+
+def dense_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W0 C^T H^-1`` as ``W0 + W0 (C - H)^T (H + damp diag H)^-1`` (``gram`` H, ``cross`` C)."""
+    damped = gram.clone()
+    damped.diagonal().mul_(1.0 + damp)
+    return weight + torch.linalg.solve(damped, (cross - gram) @ weight.T).T
+
+
+def token_error(out: torch.Tensor, target: torch.Tensor) -> float:
+    return float(((out - target).square().sum(-1) / target.square().sum(-1)).mean())
+
+
+@torch.no_grad()
+def run(mode: str, setting: str, damp: float) -> dict:
+    model, tokenizer, _ = load_demo()
+    blocks = model.model.layers
+    dense_blocks = copy.deepcopy(blocks)
+    hidden, calls = capture_block_inputs(model, blocks, calibration_ids(tokenizer), 8, torch.device("cpu"))
+    dense = list(hidden)
+    nm, sparsity = ((2, 4), 0.5) if setting == "2:4" else (None, float(setting.rstrip("%")) / 100)
+    errors = []
+    start = time.perf_counter()
+    for i, block in enumerate(blocks):
+        layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        grams: dict[str, torch.Tensor] = {}
+        cross: dict[str, torch.Tensor] = {}
+        dense_inputs: dict[str, torch.Tensor] = {}
+        pruned_pass = [False]
+
+        def hook(name: str):
+            def record(module: nn.Module, args: tuple) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1]).float()
+                if not pruned_pass[0]:
+                    dense_inputs[name] = x
+                    return
+                grams.setdefault(name, torch.zeros(x.shape[1], x.shape[1])).addmm_(x.T, x)
+                if mode == "dense":
+                    cross.setdefault(name, torch.zeros(x.shape[1], x.shape[1])).addmm_(x.T, dense_inputs[name])
+
+            return record
+
+        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+        for k, call in enumerate(calls[i]):
+            pruned_pass[0] = False
+            if mode == "dense":
+                call.run(block, dense[k])  # the block is still dense: the dense model's layer inputs
+            pruned_pass[0] = True
+            call.run(block, hidden[k])
+        for handle in handles:
+            handle.remove()
+        for name, layer in layers.items():
+            weight = layer.weight.float()
+            if mode == "dense":
+                weight = dense_target(weight, grams[name], cross[name], damp)
+            result = maiht_prune(weight, grams[name], sparsity=sparsity, nm=nm, iterations=5, refit_iterations=5)
+            layer.weight.copy_(result.weight)
+        hidden = [call.run(block, h) for call, h in zip(calls[i], hidden, strict=True)]
+        dense = [call.run(dense_blocks[i], d) for call, d in zip(calls[i], dense, strict=True)]
+        errors.append(sum(token_error(h, d) for h, d in zip(hidden, dense, strict=True)) / len(hidden))
+    seconds = time.perf_counter() - start
+    ppl = perplexity(model, None, test_windows(tokenizer, 64), EVAL_LENGTH, batch_size=4)
+    return {
+        "mode": mode,
+        "setting": setting,
+        "damp": damp if mode == "dense" else None,
+        "perplexity": float(ppl),
+        "block_errors": [round(e, 5) for e in errors],
+        "seconds": round(seconds, 1),
+        "machine": machine(),
+        "versions": versions(),
+        "command": command_line(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--mode", choices=["plain", "dense"], required=True)
+    parser.add_argument("--setting", default="50%", help="50%%, 60%%, ... or 2:4")
+    parser.add_argument("--damp", type=float, default=1.0, help="relative damping of the correction")
+    args = parser.parse_args()
+    record = run(args.mode, args.setting, args.damp)
+    records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+    RESULTS.write_text(json.dumps([*records, record], indent=1) + "\n")
+    print(json.dumps({k: record[k] for k in ("mode", "setting", "damp", "perplexity", "seconds")}))
+
+
+if __name__ == "__main__":
+    main()
