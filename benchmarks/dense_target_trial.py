@@ -26,7 +26,15 @@ import time
 from pathlib import Path
 
 import torch
-from bench_common import EVAL_LENGTH, calibration_ids, command_line, load_demo, machine, test_windows, versions
+from bench_common import (
+    EVAL_LENGTH,
+    calibration_ids,
+    command_line,
+    load_demo,
+    machine,
+    test_windows,
+    versions,
+)
 from torch import nn
 
 from optimum_maiht.evaluation import perplexity
@@ -41,6 +49,38 @@ def dense_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, 
     damped = gram.clone()
     damped.diagonal().mul_(1.0 + damp)
     return weight + torch.linalg.solve(damped, (cross - gram) @ weight.T).T
+
+
+class PairedStatistics:
+    """Forward pre-hooks on ``layers``: in a dense pass they keep each layer's inputs; in the pruned pass
+    of the same windows they add ``X_p^T X_p`` (and, with ``cross``, ``X_p^T X_d``)."""
+
+    def __init__(self, layers: dict[str, nn.Module], cross: bool):
+        self.grams: dict[str, torch.Tensor] = {}
+        self.cross: dict[str, torch.Tensor] = {}
+        self.with_cross = cross
+        self.pruned_pass = True
+        self._dense_inputs: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
+
+    def _hook(self, name: str):
+        def record(module: nn.Module, args: tuple) -> None:
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            if not self.pruned_pass:
+                self._dense_inputs[name] = x
+                return
+            if name not in self.grams:
+                self.grams[name] = torch.zeros(x.shape[1], x.shape[1])
+                self.cross[name] = torch.zeros(x.shape[1], x.shape[1])
+            self.grams[name].addmm_(x.T, x)
+            if self.with_cross:
+                self.cross[name].addmm_(x.T, self._dense_inputs[name])
+
+        return record
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def token_error(out: torch.Tensor, target: torch.Tensor) -> float:
@@ -59,37 +99,22 @@ def run(mode: str, setting: str, damp: float) -> dict:
     start = time.perf_counter()
     for i, block in enumerate(blocks):
         layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        grams: dict[str, torch.Tensor] = {}
-        cross: dict[str, torch.Tensor] = {}
-        dense_inputs: dict[str, torch.Tensor] = {}
-        pruned_pass = [False]
-
-        def hook(name: str):
-            def record(module: nn.Module, args: tuple) -> None:
-                x = args[0].reshape(-1, args[0].shape[-1]).float()
-                if not pruned_pass[0]:
-                    dense_inputs[name] = x
-                    return
-                grams.setdefault(name, torch.zeros(x.shape[1], x.shape[1])).addmm_(x.T, x)
-                if mode == "dense":
-                    cross.setdefault(name, torch.zeros(x.shape[1], x.shape[1])).addmm_(x.T, dense_inputs[name])
-
-            return record
-
-        handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+        stats = PairedStatistics(layers, cross=mode == "dense")
         for k, call in enumerate(calls[i]):
-            pruned_pass[0] = False
             if mode == "dense":
+                stats.pruned_pass = False
                 call.run(block, dense[k])  # the block is still dense: the dense model's layer inputs
-            pruned_pass[0] = True
+            stats.pruned_pass = True
             call.run(block, hidden[k])
-        for handle in handles:
-            handle.remove()
+        stats.remove()
+        grams, cross = stats.grams, stats.cross
         for name, layer in layers.items():
             weight = layer.weight.float()
             if mode == "dense":
                 weight = dense_target(weight, grams[name], cross[name], damp)
-            result = maiht_prune(weight, grams[name], sparsity=sparsity, nm=nm, iterations=5, refit_iterations=5)
+            result = maiht_prune(
+                weight, grams[name], sparsity=sparsity, nm=nm, iterations=5, refit_iterations=5
+            )
             layer.weight.copy_(result.weight)
         hidden = [call.run(block, h) for call, h in zip(calls[i], hidden, strict=True)]
         dense = [call.run(dense_blocks[i], d) for call, d in zip(calls[i], dense, strict=True)]
