@@ -85,13 +85,14 @@ class MAIHTConfig:
         min_expert_tokens: an expert that the router sends fewer calibration tokens to gets its Gram
             matrices from every calibration token instead (statistics only; its outputs are unchanged);
             0 always uses the routed tokens.
-        reconstruction_epochs: block reconstruction (experimental, off by default: 4-5x SparseGPT's time;
-            docs/design.md, "Block reconstruction"): after the masks of a block are chosen, refit the kept
-            weights of all its pruned layers jointly to the dense model's block output with Adam, for at
-            most this many epochs over the calibration batches. The epoch kept is the one with the lowest
-            error on held-out calibration batches (possibly none: the weights of the layer solves). Costs
-            one more forward per block (the dense outputs), one more set of activations, and up to this
-            many epochs of forward and backward passes. 0 (default): off.
+        reconstruction_epochs: block reconstruction (experimental, off by default; docs/design.md, "Block
+            reconstruction"): after the masks of a block are chosen, refit the kept weights of all its
+            pruned layers jointly to the dense model's block output with Adam, for at most this many epochs
+            over the calibration batches. The epoch kept is the one with the lowest error on held-out
+            calibration batches (possibly none: the weights of the layer solves). Costs one more forward
+            per block (the dense outputs), one more set of activations, and up to this many epochs of
+            forward and backward passes: on the demo model on a CPU, 1 epoch took 1.7-1.8x SparseGPT's
+            time, 4 epochs 4-5x. 0 (default): off.
         reconstruction_lr: Adam's learning rate of the reconstruction, ``> 0``. 1e-3 had the lowest
             held-out calibration error on the demo model's first blocks among 3e-4, 1e-3 and 3e-3.
         reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
