@@ -23,11 +23,11 @@ import argparse
 import copy
 import json
 import time
-from pathlib import Path
 
 import torch
 from bench_common import (
     EVAL_LENGTH,
+    RESULTS_DIR,
     calibration_ids,
     command_line,
     load_demo,
@@ -41,7 +41,7 @@ from optimum_maiht.evaluation import perplexity
 from optimum_maiht.sequential import capture_block_inputs
 from optimum_maiht.solver import maiht_prune
 
-RESULTS = Path(__file__).parent / "results" / "dense_target_trial.json"
+RESULTS = RESULTS_DIR / "dense_target_trial.json"
 
 
 def dense_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
