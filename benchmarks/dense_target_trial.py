@@ -38,6 +38,7 @@ from bench_common import (
 from torch import nn
 
 from optimum_maiht.evaluation import perplexity
+from optimum_maiht.reconstruction import token_errors
 from optimum_maiht.sequential import capture_block_inputs
 from optimum_maiht.solver import maiht_prune
 
@@ -83,10 +84,6 @@ class PairedStatistics:
             handle.remove()
 
 
-def token_error(out: torch.Tensor, target: torch.Tensor) -> float:
-    return float(((out - target).square().sum(-1) / target.square().sum(-1)).mean())
-
-
 @torch.no_grad()
 def run(mode: str, setting: str, damp: float) -> dict:
     model, tokenizer, _ = load_demo()
@@ -118,7 +115,9 @@ def run(mode: str, setting: str, damp: float) -> dict:
             layer.weight.copy_(result.weight)
         hidden = [call.run(block, h) for call, h in zip(calls[i], hidden, strict=True)]
         dense = [call.run(dense_blocks[i], d) for call, d in zip(calls[i], dense, strict=True)]
-        errors.append(sum(token_error(h, d) for h, d in zip(hidden, dense, strict=True)) / len(hidden))
+        errors.append(
+            sum(float(token_errors(h, d).mean()) for h, d in zip(hidden, dense, strict=True)) / len(hidden)
+        )
     seconds = time.perf_counter() - start
     ppl = perplexity(model, None, test_windows(tokenizer, 64), EVAL_LENGTH, batch_size=4)
     return {
