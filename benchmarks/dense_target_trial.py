@@ -15,6 +15,10 @@ appends a record to ``results/dense_target_trial.json``::
 
     .venv/bin/python benchmarks/dense_target_trial.py --mode plain --setting 50%
     .venv/bin/python benchmarks/dense_target_trial.py --mode dense --setting 50% --damp 1.0
+
+``--token-weights`` weights each token's row in both Gram matrices by ``1 / mean square`` of its residual
+entering the block, the per-token normalisation of the block reconstruction's loss (the few tokens with
+massive activations then count no more than any other).
 """
 
 from __future__ import annotations
@@ -61,12 +65,16 @@ class PairedStatistics:
         self.cross: dict[str, torch.Tensor] = {}
         self.with_cross = cross
         self.pruned_pass = True
+        self.token_weights: torch.Tensor | None = None
+        """Set per batch: each token's weight in both Gram matrices (``None``: all 1)."""
         self._dense_inputs: dict[str, torch.Tensor] = {}
         self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
     def _hook(self, name: str):
         def record(module: nn.Module, args: tuple) -> None:
             x = args[0].reshape(-1, args[0].shape[-1]).float()
+            if self.token_weights is not None:
+                x = x * self.token_weights.sqrt()[:, None]
             if not self.pruned_pass:
                 self._dense_inputs[name] = x
                 return
@@ -85,7 +93,7 @@ class PairedStatistics:
 
 
 @torch.no_grad()
-def run(mode: str, setting: str, damp: float) -> dict:
+def run(mode: str, setting: str, damp: float, weighted: bool) -> dict:
     model, tokenizer, _ = load_demo()
     blocks = model.model.layers
     dense_blocks = copy.deepcopy(blocks)
@@ -98,6 +106,10 @@ def run(mode: str, setting: str, damp: float) -> dict:
         layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         stats = PairedStatistics(layers, cross=mode == "dense")
         for k, call in enumerate(calls[i]):
+            if weighted:  # 1 / the mean square of each token's residual entering the (pruned) block
+                stats.token_weights = (
+                    hidden[k].float().square().mean(-1).clamp_min(1e-12).reciprocal().reshape(-1)
+                )
             if mode == "dense":
                 stats.pruned_pass = False
                 call.run(block, dense[k])  # the block is still dense: the dense model's layer inputs
@@ -124,6 +136,7 @@ def run(mode: str, setting: str, damp: float) -> dict:
         "mode": mode,
         "setting": setting,
         "damp": damp if mode == "dense" else None,
+        "token_weights": "1 / mean square of the block input" if weighted else None,
         "perplexity": float(ppl),
         "block_errors": [round(e, 5) for e in errors],
         "seconds": round(seconds, 1),
@@ -138,11 +151,20 @@ def main() -> None:
     parser.add_argument("--mode", choices=["plain", "dense"], required=True)
     parser.add_argument("--setting", default="50%", help="50%%, 60%%, ... or 2:4")
     parser.add_argument("--damp", type=float, default=1.0, help="relative damping of the correction")
+    parser.add_argument(
+        "--token-weights",
+        action="store_true",
+        help="weight each token in both Grams by 1 / the mean square of its residual entering the block",
+    )
     args = parser.parse_args()
-    record = run(args.mode, args.setting, args.damp)
+    record = run(args.mode, args.setting, args.damp, args.token_weights)
     records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     RESULTS.write_text(json.dumps([*records, record], indent=1) + "\n")
-    print(json.dumps({k: record[k] for k in ("mode", "setting", "damp", "perplexity", "seconds")}))
+    print(
+        json.dumps(
+            {k: record[k] for k in ("mode", "setting", "damp", "token_weights", "perplexity", "seconds")}
+        )
+    )
 
 
 if __name__ == "__main__":
