@@ -10,8 +10,8 @@ batches choose the epoch exactly as in the pipeline (weights and masks of the be
 
 Runs the demo model (optionally only its first ``--blocks`` blocks, to compare held-out block errors) at
 one setting with one epoch (mAIHT 5 iterations / 5 CG steps first; the calibration of the quality
-benchmark), checks that every pruned layer still has its sparsity or 2:4 pattern, scores the whole model on the quality
-benchmark's test windows and appends a record to ``results/moving_mask_trial.json``::
+benchmark), checks that every pruned layer still has its sparsity or 2:4 pattern, scores the whole model
+on the quality benchmark's test windows and appends a record to ``results/moving_mask_trial.json``::
 
     .venv/bin/python benchmarks/moving_mask_trial.py --setting 2:4 --mode fixed  --blocks 8
     .venv/bin/python benchmarks/moving_mask_trial.py --setting 2:4 --mode moving --blocks 8

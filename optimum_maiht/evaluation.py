@@ -60,6 +60,7 @@ def perplexity(
     tokenizer: Any | None,
     data: CalibrationData = DEFAULT_EVAL_TEXT,
     sequence_length: int | None = None,
+    *,
     max_windows: int | None = None,
     batch_size: int = 4,
     device: str | torch.device | None = None,
@@ -67,6 +68,9 @@ def perplexity(
     parallel: Parallel = SINGLE,
 ) -> float:
     """Perplexity over consecutive non-overlapping windows of ``sequence_length`` tokens.
+
+    The arguments after ``sequence_length`` are keyword-only: a fifth positional number was easily read
+    as a batch size when it is the number of windows scored.
 
     ``data`` is anything :func:`optimum_maiht.data.calibration_text` accepts (default: the bundled
     WikiText-2 test excerpt); ready windows (a 2-D tensor) are used as they are. ``sequence_length=None``

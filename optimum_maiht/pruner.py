@@ -342,11 +342,10 @@ class MAIHTPruner:
                 self.tokenizer,
                 data,
                 sequence_length,
-                max_windows,
-                batch_size,
-                None,
-                progress,
-                parallel,
+                max_windows=max_windows,
+                batch_size=batch_size,
+                progress=progress,
+                parallel=parallel,
             )
         finally:
             self.model.to(home)

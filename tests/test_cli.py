@@ -506,6 +506,8 @@ def test_perplexity_refuses_windows_longer_than_the_context_and_bad_counts(workd
     with pytest.raises(ValueError, match="sequence_length must be an integer >= 2"):
         perplexity(model, tokenizer, text, sequence_length=1)
     assert math.isfinite(perplexity(model, tokenizer, text, sequence_length=128, max_windows=1))
+    with pytest.raises(TypeError, match="positional"):  # max_windows / batch_size only by name
+        perplexity(model, tokenizer, text, 16, 4)
 
 
 def test_eval_defaults_to_the_test_excerpt_and_wikitext2_is_validation(

@@ -89,7 +89,7 @@ def evaluate(
         tokenizer,
         windows.dataset,
         length,
-        windows.max_windows,
+        max_windows=windows.max_windows,
         batch_size=args.batch_size,
         progress=not args.json,
     )
