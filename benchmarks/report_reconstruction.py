@@ -75,10 +75,9 @@ def render(runs: list[dict[str, Any]], peers: list[dict[str, Any]], name: str) -
         "# Block reconstruction on the demo model (experimental)",
         "",
         "SmolLM2-135M-Instruct fp32 on the 2-core CPU; the evaluation of the quality benchmark (first 64 "
-        "windows of 512 WikiText-2 test tokens) and its calibration (seeded windows of WikiText-2 "
-        "validation, 64 x 512 tokens unless the `calibration` column says more). Rows: the peers' latest "
-        "records in "
-        f"`quality.json`, then every run of `{name}` in order. `x SparseGPT`: perplexity and prune time over "
+        "windows of 512 WikiText-2 test tokens) and its calibration (WikiText-2 validation windows, seed 0; "
+        "`calibration`: windows x tokens). Rows: the peers' latest records in `quality.json`, then every "
+        f"run of `{name}` in order. `x SparseGPT`: perplexity and prune time over "
         "llm-compressor's SparseGPT at the same setting and calibration, run on the same host (`host`: "
         + ", ".join(f"{i} = `{h}`" for i, h in enumerate(hosts))
         + ") where there is one, i.e. back to back with the run (otherwise the latest of any host). "
