@@ -40,17 +40,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from .constants import CONFIG_ANNOTATION_KEY
 from .model_utils import is_conv1d
+from .writer import ModelWeights, WeightSource, segment_of, segments, write_shards
+from .writer import write_index as write_index_file
 
 if TYPE_CHECKING:
     from huggingface_hub.serialization import StateDictSplit
@@ -295,17 +299,74 @@ def save_compressed(
         )
     folder = Path(folder)
     _refuse_existing_weights(folder)
-    state_dict = _state_dict_in_memory(model)
-    plan = plan_compression(model, state_dict, sparse_layers, transposed)
-    tensors, layers = plan.encode(state_dict)
+    _state_dict_in_memory(model)
+    write_compressed(folder, ModelWeights(model), sparse_layers, transposed, max_shard_size)
 
-    folder.mkdir(parents=True, exist_ok=True)
-    split = _write_shards(folder, tensors, max_shard_size, plan.version)
+
+def write_compressed(
+    folder: Path,
+    source: WeightSource,
+    sparse_layers: Mapping[str, tuple[int, int] | None],
+    transposed: Collection[str] = (),
+    max_shard_size: int | str = "5GB",
+    spill: Path | None = None,
+) -> None:
+    """The compact format of ``source``'s model (see :func:`save_compressed`), encoded one segment (the
+    tensors outside the blocks, then each block) at a time and written by the one shard writer. With
+    ``spill``, each block's encoded tensors wait there on disk (a streamed run: one block in memory)."""
+    model = source.model
+    state = model.state_dict()
+    plan = plan_compression(model, state, sparse_layers, transposed)
+    planned: dict[str, Tensor] = {}
+    spilled: dict[str, Path] = {}
+    layers: dict[str, dict[str, Any]] = {}
+    for index, names in segments(state, segment_of(model)):
+        tensors, part_layers = plan.encode(source.read([n for n in names if n not in plan.aliases]))
+        layers.update(part_layers)
+        if spill is None or index is None:
+            planned.update(tensors)
+            continue
+        spill.mkdir(exist_ok=True)
+        path = spill / f"block-{index:05d}.safetensors"
+        save_file({n: t.contiguous() for n, t in tensors.items()}, str(path))
+        planned.update({n: torch.empty_like(t, device="meta") for n, t in tensors.items()})
+        spilled.update(dict.fromkeys(tensors, path))
+    folder.mkdir(parents=True, exist_ok=True)  # only once everything is encoded
+    with _SpilledTensors(spilled) as read:
+        fetch = lambda name: read(name) if name in spilled else planned[name]  # noqa: E731
+        split = write_shards(
+            folder,
+            planned,
+            fetch,
+            pattern=COMPRESSED_WEIGHTS_PATTERN,
+            max_shard_size=max_shard_size,
+            metadata=plan.shard_metadata,
+        )
     write_index(folder, split, layers, plan.aliases, plan.version)
     write_configs(model, folder)
     logger.info(
         "saved %d compressed layers in %d shard(s) to %s", len(layers), len(split.filename_to_tensors), folder
     )
+
+
+class _SpilledTensors:
+    """Reads encoded tensors back from their spill files, keeping the last file open."""
+
+    def __init__(self, where: dict[str, Path]):
+        self.where = where
+        self._open: tuple[Path, Any] | None = None
+
+    def __enter__(self) -> Callable[[str], Tensor]:
+        return self.read
+
+    def __exit__(self, *exc: object) -> None:
+        self._open = None
+
+    def read(self, name: str) -> Tensor:
+        path = self.where[name]
+        if self._open is None or self._open[0] != path:
+            self._open = (path, safe_open(str(path), framework="pt"))
+        return self._open[1].get_tensor(name)
 
 
 @dataclass(frozen=True)
@@ -513,22 +574,6 @@ def _encode_weight(name: str, weight: Tensor, target: _Target) -> tuple[dict[str
     return info, parts
 
 
-def _write_shards(
-    folder: Path, tensors: dict[str, Tensor], max_shard_size: int | str, version: int
-) -> StateDictSplit:
-    """Cut the tensors into shards like transformers does and write them, tagged with the format."""
-    from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors.torch import save_file
-
-    split = split_torch_state_dict_into_shards(
-        tensors, filename_pattern=COMPRESSED_WEIGHTS_PATTERN, max_shard_size=max_shard_size
-    )
-    metadata = CompressionPlan({}, {}, version).shard_metadata
-    for filename, names in split.filename_to_tensors.items():
-        save_file({n: tensors[n].contiguous() for n in names}, str(folder / filename), metadata=metadata)
-    return split
-
-
 def write_index(
     folder: Path,
     split: StateDictSplit,
@@ -545,8 +590,7 @@ def write_index(
         "layers": layers,
         "tied": aliases,
     }
-    index = {"metadata": metadata, "weight_map": split.tensor_to_filename}
-    (folder / COMPRESSED_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    write_index_file(folder / COMPRESSED_INDEX_NAME, metadata, split.tensor_to_filename)
 
 
 def write_configs(model: nn.Module, folder: Path) -> None:
@@ -648,8 +692,6 @@ def load_compressed_state_dict(folder: str | Path) -> dict[str, Tensor]:
 def _read_shards(folder: Path, weight_map: dict[str, str]) -> dict[str, Tensor]:
     """Every tensor the index lists, read from its shard; a missing, foreign or damaged shard, or one that
     lacks a listed tensor, is reported with the file's name."""
-    from safetensors import SafetensorError, safe_open
-
     stored: dict[str, Tensor] = {}
     for filename in sorted(set(weight_map.values())):
         path = folder / filename

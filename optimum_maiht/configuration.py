@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .constants import CONFIG_NAME
+from .constants import CONFIG_NAME, SOLVER_NAMES
 
 _PATTERN = re.compile(r"^(\d+):(\d+)$")
 
@@ -21,7 +21,7 @@ DEFAULT_IGNORE = [r"(^|\.)lm_head$", r"embed", r"(^|\.)(gate|router|shared_exper
 
 # Validation tables, checked in this order by MAIHTConfig.__post_init__ (after pattern and sparsity).
 # A new field of one of these kinds needs one line here.
-_CHOICES = {"scope": ("row", "layer"), "formulation": ("constraint", "penalty")}
+_CHOICES = {"solver": SOLVER_NAMES, "scope": ("row", "layer"), "formulation": ("constraint", "penalty")}
 _INTEGERS = {  # field: (smallest allowed value, whether None is allowed)
     "iterations": (0, False),
     "refit_iterations": (0, False),
@@ -60,11 +60,18 @@ class MAIHTConfig:
     """Configuration of a mAIHT pruning run.
 
     Args:
+        solver: the layer solver (docs/design.md, "Layer solvers"): ``"maiht"`` (default), or the baselines
+            ``"sparsegpt"``, ``"wanda"`` and ``"magnitude"``, run in the same pipeline on the same
+            calibration. ``iterations``, ``refit_iterations``, ``ridge`` and ``formulation`` are mAIHT's.
         sparsity: fraction of weights set to zero in every target layer, ``0 < sparsity < 1``. Defaults to
             0.5 for unstructured and to ``1 - N/M`` for an N:M pattern (which it must equal if given).
         pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, ...: keep N of every M consecutive
             input weights of a row). Layers whose input size is not a multiple of M are skipped, with a
             warning, and listed as skipped in the report.
+        layer_sparsity: a per-layer sparsity plan, ``{regex: sparsity}``: a target whose full name (e.g.
+            ``model.layers.3.mlp.down_proj``, or an expert slice ``...experts.gate_up_proj[5]``) matches a
+            regex (``re.search``, the first that matches) is pruned to that sparsity instead of
+            ``sparsity``; unstructured patterns only. Default: none (uniform).
         scope: unstructured comparison group: ``"row"`` (per output channel, Wanda's choice) or ``"layer"``.
         formulation: ``"constraint"`` (project onto the sparsity set, monotone) or ``"penalty"`` (the
             paper's l0-penalty form with adaptive lambda; unstructured only).
@@ -77,7 +84,9 @@ class MAIHTConfig:
         ignore: regexes of layers to keep dense. Default: ``lm_head``, embeddings and MoE routers.
         num_samples: calibration windows.
         sequence_length: tokens per calibration window (capped at the model's context length).
-        batch_size: calibration windows per forward pass (memory only; does not change the result much).
+        batch_size: calibration windows per forward pass. Without block reconstruction it is memory only
+            (the Gram sums' order changes, nothing else); with it, whole batches are what is held out to
+            choose the epochs, so it changes which windows the refit trains on.
         seed: seeds the choice of calibration windows and the power iteration.
         experts_per_pass: mixture-of-experts blocks: the experts whose Gram matrices are accumulated in one
             calibration pass through the block (memory: this many times the sum of the squared input sizes
@@ -105,6 +114,7 @@ class MAIHTConfig:
             whole batches of 8.
     """
 
+    solver: str = "maiht"
     sparsity: float | None = None
     pattern: str = "unstructured"
     scope: str = "row"
@@ -124,6 +134,7 @@ class MAIHTConfig:
     reconstruction_lr: float = 1e-3
     reconstruction_holdout: float = 0.125
     reconstruction_batch_size: int = 1
+    layer_sparsity: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         nm = self._check_pattern_and_sparsity()
@@ -132,6 +143,7 @@ class MAIHTConfig:
         self._check_ridge()
         self._check_reconstruction()
         self._check_regex_lists()
+        self._check_layer_sparsity(nm)
 
     def _check_pattern_and_sparsity(self) -> tuple[int, int] | None:
         """Parse ``pattern``; default ``sparsity`` to 0.5 or the pattern's ``1 - N/M``, and check it."""
@@ -189,6 +201,24 @@ class MAIHTConfig:
             setattr(self, name, _regex_list(name, getattr(self, name)))
         if not self.targets:
             raise ValueError("targets must name at least one regular expression, e.g. ['.*']")
+
+    def _check_layer_sparsity(self, nm: tuple[int, int] | None) -> None:
+        """``layer_sparsity``: ``{regex: sparsity in (0, 1)}``, unstructured patterns only."""
+        plan = self.layer_sparsity
+        if not isinstance(plan, dict) or not all(isinstance(k, str) for k in plan):
+            raise ValueError(
+                f"layer_sparsity must map regexes to sparsities, e.g. {{'mlp.down_proj': 0.4}}; got {plan!r}"
+            )
+        if plan and nm is not None:
+            raise ValueError(
+                f"layer_sparsity applies to pattern='unstructured' only (pattern={self.pattern!r} fixes "
+                "every layer's sparsity); drop layer_sparsity or the N:M pattern"
+            )
+        _regex_list("layer_sparsity", list(plan))
+        for regex, value in plan.items():
+            if not _is_number(value) or not 0.0 < value < 1.0:
+                raise ValueError(f"layer_sparsity[{regex!r}] must be a sparsity in (0, 1), got {value!r}")
+        self.layer_sparsity = {regex: float(value) for regex, value in plan.items()}
 
     @staticmethod
     def _parse_pattern(pattern: Any) -> tuple[int, int] | None:

@@ -28,3 +28,14 @@ DEFAULT_CALIBRATION_TEXT = "wikitext2-validation"
 """Calibrate on validation text ..."""
 DEFAULT_EVAL_TEXT = "wikitext2-test"
 """... and measure perplexity on test text."""
+
+SOLVER_NAMES = ("maiht", "sparsegpt", "wanda", "magnitude")
+"""The layer solvers ``MAIHTConfig(solver=...)`` names (``optimum_maiht.solvers``): mAIHT (the default),
+and the baselines users compare it with, on the same calibration in the same pipeline."""
+SOLVER_DISPLAY_NAMES = {
+    "maiht": "mAIHT",
+    "sparsegpt": "SparseGPT",
+    "wanda": "Wanda",
+    "magnitude": "magnitude",
+}
+"""How the report, the card and the CLI name each solver."""

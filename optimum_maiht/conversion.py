@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from huggingface_hub import StateDictSplit, split_state_dict_into_shards_factory
 from safetensors import safe_open
 from torch import Tensor
 from transformers import PreTrainedModel
@@ -375,7 +374,7 @@ class CheckpointConversion:
     def saved_layout(self) -> dict[str, Tensor]:
         """What ``save_pretrained`` writes for the whole model, in its order, as ``meta`` tensors (names,
         shapes, dtypes), tied weights removed and the conversion reverted, so that shards can be planned
-        (:func:`split_saved`) before any data exists. Dtypes are those loading gives
+        (:func:`optimum_maiht.writer.plan_shards`) before any data exists. Dtypes are those loading gives
         (``_keep_in_fp32_modules`` included); tensors that would share a storage (views of one tensor,
         as reverting a fused conversion makes them) share one here too."""
         return self._to_saved({name: self._as_loaded.get(name, t) for name, t in self._meta.items()})
@@ -389,28 +388,18 @@ class CheckpointConversion:
         return revert_weight_conversion(self.model, {n: t for n, t in state.items() if n in self._kept})
 
 
+def saved_state(model: PreTrainedModel) -> dict[str, Tensor]:
+    """What ``save_pretrained`` writes for a model held in memory, in its order: the state dict without
+    ``_keys_to_ignore_on_save`` and tied aliases, its checkpoint layout restored (fused experts split
+    again... as views of the model's tensors, so nothing is copied)."""
+    ignore = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    state = {name: t for name, t in model.state_dict().items() if name not in ignore}
+    return revert_weight_conversion(model, remove_tied_weights_from_state_dict(state, model))
+
+
 def _tie_groups(model: PreTrainedModel, names: list[str]) -> list[list[str]]:
     """The state-dict names that share one tensor (tied weights), in state-dict order, when several do."""
     by_tensor: dict[int, list[str]] = {}
     for name in names:
         by_tensor.setdefault(id(model.get_parameter_or_buffer(name)), []).append(name)
     return [group for group in by_tensor.values() if len(group) > 1]
-
-
-def split_saved(
-    layout: Mapping[str, Tensor], max_shard_size: int | str, filename_pattern: str
-) -> StateDictSplit:
-    """The shards ``save_pretrained`` cuts for :meth:`CheckpointConversion.saved_layout`: as
-    ``split_torch_state_dict_into_shards`` does, tensors that share a storage go in the shard of the first
-    of them and count once, at the storage's size; that function cannot see storages on ``meta``."""
-
-    def storage(tensor: Tensor) -> int:
-        return tensor.untyped_storage()._cdata
-
-    return split_state_dict_into_shards_factory(
-        dict(layout),
-        get_storage_size=lambda tensor: tensor.untyped_storage().nbytes(),
-        get_storage_id=storage,
-        filename_pattern=filename_pattern,
-        max_shard_size=max_shard_size,
-    )

@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from .serialization import atomic_directory
+
 logger = logging.getLogger(__name__)
 
 DEMO_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -52,8 +54,6 @@ def demo_model_path() -> Path:
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"reading the demo model's GGUF file needs the gguf package: {INSTALL_HINT}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .serialization import atomic_directory
 
     logger.info("converting the demo model %s once into %s", GGUF_FILE, target)
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE)

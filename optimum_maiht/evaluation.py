@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import defaultdict
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -11,10 +13,20 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .constants import DEFAULT_EVAL_TEXT
-from .data import CalibrationData, calibration_text, special_prefix, token_windows, tokenize
+from .data import (
+    CalibrationData,
+    calibration_text,
+    describe_data,
+    special_prefix,
+    split_of,
+    token_windows,
+    tokenize,
+)
 from .distributed import SINGLE, Parallel
 from .model_utils import find_decoder_blocks, linear_types
 from .report import layer_type
+
+logger = logging.getLogger(__name__)
 
 
 def context_length(model: nn.Module) -> int | None:
@@ -32,6 +44,21 @@ def default_sequence_length(model: nn.Module) -> int:
     capped at :data:`MAX_DEFAULT_SEQUENCE_LENGTH`; 2048 when the model does not say."""
     limit = context_length(model)
     return min(limit, MAX_DEFAULT_SEQUENCE_LENGTH) if limit else MAX_DEFAULT_SEQUENCE_LENGTH
+
+
+def capped_sequence_length(model: nn.Module, sequence_length: int) -> int:
+    """``sequence_length`` capped (with a warning) at the model's context: calibration windows longer than
+    the context would meet positions the model never saw."""
+    limit = context_length(model)
+    if limit is not None and sequence_length > limit:
+        logger.warning(
+            "sequence_length=%d exceeds the model's context of %d tokens; using %d",
+            sequence_length,
+            limit,
+            limit,
+        )
+        return limit
+    return sequence_length
 
 
 def check_sequence_length(model: nn.Module, sequence_length: int) -> None:
@@ -94,6 +121,56 @@ def perplexity(
     device = torch.device(device) if device is not None else next(model.parameters()).device
     nll, count = parallel.sum(_negative_log_likelihood(model, windows, batch_size, device, progress))
     return math.exp(nll / count)
+
+
+@dataclass(frozen=True)
+class PerplexityWindows:
+    """What ``MAIHTPruner.prune(eval_dataset=...)`` measures before and after: ``max_windows`` windows
+    (``None``: all) of ``sequence_length`` tokens of ``data``."""
+
+    data: CalibrationData
+    sequence_length: int
+    max_windows: int | None
+
+    def record(self, before: float, after: float) -> dict[str, Any]:
+        """The report's ``evaluation`` entry."""
+        return {
+            "dataset": describe_data(self.data),
+            "split": split_of(self.data),
+            "sequence_length": self.sequence_length,
+            "windows": self.max_windows,
+            "perplexity_before": before,
+            "perplexity_after": after,
+        }
+
+
+def perplexity_on(
+    model: nn.Module,
+    tokenizer: Any | None,
+    windows: PerplexityWindows,
+    *,
+    batch_size: int,
+    device: torch.device,
+    progress: bool,
+    parallel: Parallel,
+) -> float:
+    """:func:`perplexity` of ``model`` as it is now, computed on ``device`` (the model is moved there and
+    back), shared out over the ranks."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        return perplexity(
+            model,
+            tokenizer,
+            windows.data,
+            windows.sequence_length,
+            max_windows=windows.max_windows,
+            batch_size=batch_size,
+            progress=progress,
+            parallel=parallel,
+        )
+    finally:
+        model.to(home)
 
 
 def perplexity_windows(

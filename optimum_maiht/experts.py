@@ -12,7 +12,8 @@ implementations (``grouped_mm``, ``batched_mm``: the default of a model built fr
 experts module in which no slice was seen raises instead of returning empty statistics.
 
 Starved experts: ``recorder.tokens`` counts the routed rows of every expert (selected or not) and
-``recorder.starved(min_tokens)`` lists the experts below a threshold; the caller never skips them silently.
+``recorder.starved(min_tokens, among)`` lists the experts below a threshold; the caller never skips them
+silently.
 For those, ``recorder.replay_all_tokens(ids)`` (with ``keep_calls=True``) replays every recorded call of
 the experts modules with the routing forced to one expert, the routing-index tensor (the only 2-D integer
 tensor of the call, ``(tokens, top_k)``) replaced by a ``(tokens, 1)`` column of ``e`` and the routing
@@ -195,16 +196,10 @@ class ExpertGramRecorder:
 
     # ---------------------------------------------------------------------------------------------- queries
 
-    def starved(self, min_tokens: int) -> list[int]:
-        """Experts that fewer than ``min_tokens`` routed (finite) rows reached, for any tracked parameter."""
-        return sorted(
-            {
-                e
-                for w in self.weights
-                for e in range(w.num_experts)
-                if self.tokens.get((w.name, e), 0) < min_tokens
-            }
-        )
+    def starved(self, min_tokens: int, among: Iterable[int]) -> list[int]:
+        """The experts of ``among`` that fewer than ``min_tokens`` routed (finite) rows reached, for any
+        tracked parameter (every expert's rows are counted in every pass, selected or not)."""
+        return [e for e in among if any(self.tokens.get((w.name, e), 0) < min_tokens for w in self.weights)]
 
     def replay_all_tokens(self, expert_ids: Iterable[int]) -> None:
         """Replay every recorded experts call with all its tokens forced to each expert of ``expert_ids``,

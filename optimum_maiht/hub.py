@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from huggingface_hub import HfApi, constants, get_token
+
 from .constants import CARD_NAME
 from .model_card import check_repo_id
 
@@ -79,6 +81,25 @@ def _failure_message(err: BaseException, stage: str, repo_id: str, endpoint: str
     )
 
 
+def _saved_folder(folder: str | os.PathLike) -> Path:
+    """``folder``, checked to be a saved model folder before anything is sent (a warning without a card)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"cannot push {folder}: no such folder; save the model first with pruner.save_pretrained(folder)"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"cannot push {folder}: it has no config.json, so it is not a saved model "
+            "folder; save the model with pruner.save_pretrained(folder)"
+        )
+    if not (folder / CARD_NAME).is_file():
+        logger.warning(
+            "%s has no %s: the repository will have no model card (see write_model_card)", folder, CARD_NAME
+        )
+    return folder
+
+
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -99,23 +120,8 @@ def push_to_hub(
     Unchanged files are not uploaded again, so pushing the same folder twice is a no-op the second time.
     Any failure raises :class:`HubPushError`; the local folder is only read.
     """
-    from huggingface_hub import HfApi, constants, get_token
-
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise FileNotFoundError(
-            f"cannot push {folder}: no such folder; save the model first with pruner.save_pretrained(folder)"
-        )
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(
-            f"cannot push {folder}: it has no config.json, so it is not a saved model "
-            "folder; save the model with pruner.save_pretrained(folder)"
-        )
+    folder = _saved_folder(folder)
     check_repo_id(repo_id)
-    if not (folder / CARD_NAME).is_file():
-        logger.warning(
-            "%s has no %s: the repository will have no model card (see write_model_card)", folder, CARD_NAME
-        )
     if constants.HF_HUB_OFFLINE:
         raise HubPushError("cannot push while offline mode is on: unset the HF_HUB_OFFLINE variable")
     secret = token if token is not None else get_token()

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import CARD_NAME, SAVE_FORMATS
+from .constants import CARD_NAME, SAVE_FORMATS, SOLVER_DISPLAY_NAMES
 from .model_utils import looks_like_local_path
 from .report import PruneReport, ZeroShotResults, layer_type
 
@@ -168,6 +168,29 @@ def _zero_shot_table(zero_shot: dict[str, ZeroShotResults] | None) -> dict[str, 
     }
 
 
+def _checked(
+    report: PruneReport | dict[str, Any], base_model: str | None, repo_id: str | None, storage_format: str
+) -> PruneReport:
+    """The report as a :class:`PruneReport`, once it and the card's options are checked."""
+    if isinstance(report, dict):
+        if not report.get("layers"):
+            raise ValueError(
+                "the report has no layers: prune first (pruner.prune(...)), then pass pruner.report"
+            )
+        report = PruneReport.from_dict(report)
+    if not report.layers:
+        raise ValueError("the report has no layers: prune first (pruner.prune(...)), then pass pruner.report")
+    if base_model is not None and not _is_hub_id(base_model):
+        raise ValueError(
+            f"base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', got {base_model!r}"
+        )
+    if repo_id is not None:
+        check_repo_id(repo_id)
+    if storage_format not in SAVE_FORMATS:
+        raise ValueError(f"storage_format must be one of {SAVE_FORMATS}, got {storage_format!r}")
+    return report
+
+
 def render_model_card(
     report: PruneReport | dict[str, Any],
     *,
@@ -194,22 +217,7 @@ def render_model_card(
     """
     from huggingface_hub import ModelCard
 
-    if isinstance(report, dict):
-        if not report.get("layers"):
-            raise ValueError(
-                "the report has no layers: prune first (pruner.prune(...)), then pass pruner.report"
-            )
-        report = PruneReport.from_dict(report)
-    if not report.layers:
-        raise ValueError("the report has no layers: prune first (pruner.prune(...)), then pass pruner.report")
-    if base_model is not None and not _is_hub_id(base_model):
-        raise ValueError(
-            f"base_model must be a Hub model id such as 'HuggingFaceTB/SmolLM2-135M', got {base_model!r}"
-        )
-    if repo_id is not None:
-        check_repo_id(repo_id)
-    if storage_format not in SAVE_FORMATS:
-        raise ValueError(f"storage_format must be one of {SAVE_FORMATS}, got {storage_format!r}")
+    report = _checked(report, base_model, repo_id, storage_format)
     base_model = base_model or (report.base_model if _is_hub_id(report.base_model) else None)
     pattern = _pattern(report.config)
     title = _title(repo_id, base_model, report.config, pattern[3])
@@ -221,6 +229,8 @@ def render_model_card(
         notes=notes,
         pattern_text=pattern[0],
         pattern_kind=pattern[2],
+        solver=report.solver,
+        solver_name=SOLVER_DISPLAY_NAMES.get(report.solver, report.solver),
         config_rows=[(key, _cell(value)) for key, value in report.config.items()],
         sparsity_rows=report.sparsity_by_type(),
         overall={"layers": len(report.pruned), "sparsity": report.sparsity},
@@ -274,7 +284,13 @@ def _card_data(
         license=license,
         library_name="transformers",
         pipeline_tag="text-generation",
-        tags=["pruned", "sparse", "mAIHT", "optimum", pattern[1]],
+        tags=[
+            "pruned",
+            "sparse",
+            SOLVER_DISPLAY_NAMES.get(report.solver, report.solver),
+            "optimum",
+            pattern[1],
+        ],
         datasets=[_WIKITEXT[0]] if "wikitext" in source else None,
         model_name=title,
         eval_results=(

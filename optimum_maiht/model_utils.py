@@ -5,11 +5,16 @@ the evaluation and the CLI all build on it (see docs/design.md, "Layers of the c
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoTokenizer
+
+logger = logging.getLogger(__name__)
 
 
 def linear_types() -> tuple[type, ...]:
@@ -86,3 +91,15 @@ def check_model_source(source: str | os.PathLike) -> Path | None:
     if looks_like_local_path(text):
         raise FileNotFoundError(f"model folder not found: {text}")
     return None
+
+
+def load_tokenizer(source: str | os.PathLike | None) -> Any | None:
+    """The tokenizer saved with a model (a folder or a Hub id), or ``None`` when there is none: the caller
+    then calibrates with token ids."""
+    if not source:
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, TypeError) as err:
+        logger.info("no tokenizer loaded from %s (%s); calibrate with token ids", source, err)
+        return None

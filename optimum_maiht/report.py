@@ -15,11 +15,24 @@ from collections import defaultdict
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-REPORT_VERSION = 3
+from . import __version__
+
+REPORT_VERSION = 4
 """Version 1 (optimum-maiht 0.1.0) had no ``report_version`` and no ``kept_dense``. Version 2's block
 reconstruction errors were measured on every calibration window, with the held-out ones beside them as
-``holdout_before`` / ``holdout_after``; version 3 keeps only the held-out ones, as ``error_before`` /
-``error_after``. All are read."""
+``holdout_before`` / ``holdout_after``; version 3 kept only the held-out ones, as ``error_before`` /
+``error_after``. Version 4 names what each error is (a layer's ``error_wanda`` / ``error``, a block's
+``error_solved`` / ``error_refit``, where versions 1-3 said ``error_before`` / ``error_after`` for both)
+and the layer solver (``solver``, where ``method`` was always mAIHT). All are read."""
+
+_OLD_LAYER_NAMES = {"error_before": "error_wanda", "error_after": "error"}
+_OLD_BLOCK_NAMES = {"error_before": "error_solved", "error_after": "error_refit"}
+
+
+def _renamed(data: dict[str, Any], names: dict[str, str]) -> dict[str, Any]:
+    """``data`` with the field names of reports before version 4 changed to today's."""
+    return {names.get(key, key): value for key, value in data.items()}
+
 
 _BLOCK_PREFIX = re.compile(r"^.*?\.\d+\.")  # "model.layers.3." in "model.layers.3.mlp.up_proj"
 _INNER_INDEX = re.compile(r"\.\d+\.")  # per-expert modules: "mlp.experts.7.up_proj"
@@ -41,10 +54,11 @@ class LayerReport:
     shape: list[int]
     """(out, in) of the linear map."""
     sparsity: float
-    error_before: float
-    """Relative output error of the initial (Wanda) mask, before any weight update."""
-    error_after: float
-    """Relative output error after mAIHT and the refit."""
+    error_wanda: float
+    """Relative output error ``tr(E H E^T) / tr(W0 H W0^T)`` of Wanda's mask without any weight update:
+    a yardstick every solver is compared with."""
+    error: float
+    """Relative output error of the solved weight."""
     iterations: int
     seconds: float
     history: list[float] = field(default_factory=list)
@@ -71,6 +85,7 @@ class LayerReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LayerReport:
+        data = _renamed(data, _OLD_LAYER_NAMES)
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -82,10 +97,10 @@ class BlockReconstruction:
     the epoch kept), before and after the refit of its kept weights."""
 
     block: int
-    error_before: float
+    error_solved: float
     """With the weights of the layer solves."""
-    error_after: float
-    """With the weights kept."""
+    error_refit: float
+    """With the weights kept (the solves' when no epoch lowered it)."""
     epochs: int
     """Epochs whose weights were kept (0: the refit never lowered the held-out error)."""
     epochs_run: int
@@ -103,6 +118,7 @@ class BlockReconstruction:
     def from_dict(cls, data: dict[str, Any]) -> BlockReconstruction:
         if "holdout_before" in data:  # report version 2: the held-out errors under other names
             data = {**data, "error_before": data["holdout_before"], "error_after": data["holdout_after"]}
+        data = _renamed(data, _OLD_BLOCK_NAMES)
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
@@ -125,8 +141,8 @@ class TypeSparsity:
     type: str
     layers: int
     sparsity: float
-    error_before: float
-    error_after: float
+    error_wanda: float
+    error: float
 
 
 _SCORE_INFO = (
@@ -266,7 +282,8 @@ class PruneReport:
     evaluation: dict[str, Any] | None = None
     """``dataset``, ``split``, ``sequence_length``, ``windows``, ``perplexity_before`` / ``_after``."""
     versions: dict[str, str] = field(default_factory=dict)
-    method: str = "mAIHT"
+    solver: str = "maiht"
+    """The layer solver (``MAIHTConfig.solver``, or an experiment's own function's name)."""
     block_seconds: list[float] = field(default_factory=list)
     """Wall time of each decoder block (calibration passes, solves, propagation)."""
     world_size: int = 1
@@ -283,8 +300,8 @@ class PruneReport:
             return None
         return {
             "blocks": len(done),
-            "error_before": sum(b.error_before for b in done) / len(done),
-            "error_after": sum(b.error_after for b in done) / len(done),
+            "error_solved": sum(b.error_solved for b in done) / len(done),
+            "error_refit": sum(b.error_refit for b in done) / len(done),
         }
 
     @property
@@ -314,8 +331,8 @@ class PruneReport:
                     type=kind,
                     layers=len(members),
                     sparsity=sum(layer.sparsity * layer.size for layer in members) / size,
-                    error_before=sum(layer.error_before for layer in members) / len(members),
-                    error_after=sum(layer.error_after for layer in members) / len(members),
+                    error_wanda=sum(layer.error_wanda for layer in members) / len(members),
+                    error=sum(layer.error for layer in members) / len(members),
                 )
             )
         return rows
@@ -324,7 +341,7 @@ class PruneReport:
         """The JSON form (``maiht_report.json``)."""
         data: dict[str, Any] = {
             "report_version": REPORT_VERSION,
-            "method": self.method,
+            "solver": self.solver,
             "base_model": self.base_model,
             "config": self.config,
             "calibration": self.calibration,
@@ -353,7 +370,7 @@ class PruneReport:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PruneReport:
-        """Read a saved report (version 1, 2 or 3); the derived fields (sparsity, counts) are recomputed."""
+        """Read a saved report (versions 1 to 4); the derived fields (sparsity, counts) are recomputed."""
         version = data.get("report_version", 1)
         if not isinstance(version, int) or version > REPORT_VERSION:
             raise ValueError(
@@ -372,7 +389,7 @@ class PruneReport:
             seconds=data.get("seconds"),
             evaluation=data.get("evaluation"),
             versions=data.get("versions") or {},
-            method=data.get("method", "mAIHT"),
+            solver=data.get("solver", "maiht"),  # before version 4: "method": "mAIHT"
             block_seconds=data.get("block_seconds") or [],
             world_size=data.get("world_size", 1),
             zero_shot=_zero_shot(data.get("zero_shot")),
@@ -398,8 +415,6 @@ def library_versions() -> dict[str, str]:
 
     import torch
     import transformers
-
-    from . import __version__
 
     return {
         "optimum_maiht": __version__,

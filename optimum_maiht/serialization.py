@@ -14,21 +14,20 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
+from .compressed import write_compressed
 from .configuration import MAIHTConfig
-from .constants import CONFIG_ANNOTATION_KEY, CONFIG_NAME, REPORT_NAME, SAVE_FORMATS
+from .constants import CONFIG_ANNOTATION_KEY, CONFIG_NAME, REPORT_NAME, SAVE_FORMATS, SOLVER_DISPLAY_NAMES
+from .model_card import write_model_card
 from .report import PruneReport
+from .writer import ModelWeights, WeightSource, segment_of, write_index, write_shards
 
 logger = logging.getLogger(__name__)
-
-WeightsWriter = Callable[[Path, nn.Module, MAIHTConfig, PruneReport, str, "str | int"], None]
-"""``(folder, model, config, report, save_format, max_shard_size)``: writes the weights and the model's
-``config.json`` / ``generation_config.json`` into ``folder``."""
 
 
 def check_output_folder(save_directory: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -77,17 +76,6 @@ def annotate_model_config(folder: Path, annotation: dict[str, Any]) -> None:
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def saved_format(folder: str | os.PathLike) -> str:
-    """The storage format a saved folder declares in ``config.json`` (``"maiht": {"format": ...}``);
-    ``"dense"`` when it says nothing."""
-    try:
-        annotation = json.loads((Path(folder) / "config.json").read_text()).get(CONFIG_ANNOTATION_KEY)
-    except (OSError, json.JSONDecodeError):
-        return "dense"
-    found = annotation.get("format") if isinstance(annotation, dict) else None
-    return found if found in SAVE_FORMATS else "dense"
-
-
 def save_pruned(
     save_directory: str | os.PathLike,
     model: nn.Module,
@@ -99,23 +87,26 @@ def save_pruned(
     overwrite: bool = False,
     max_shard_size: str | int = "5GB",
     model_card: dict[str, Any] | None = None,
-    write_weights: WeightsWriter | None = None,
+    source: WeightSource | None = None,
 ) -> Path:
     """Write a pruned model's folder atomically and return its resolved path.
 
     ``save_format="dense"``: transformers safetensors with exact zeros (plain ``AutoModelForCausalLM``
     loads it); ``"compressed"``: kept values plus packed masks for every pruned layer of ``report``.
     ``model_card``: keyword arguments of :func:`optimum_maiht.model_card.render_model_card`.
-    ``write_weights``: what writes the weights, ``config.json`` and ``generation_config.json`` into the
-    temporary folder (default: from the model in memory; streaming passes its own, which copies the pruned
-    blocks from disk, docs/design.md "Streaming and resume").
+    ``source``: where the weights come from (default: ``model`` in memory; a streamed run passes its store,
+    whose blocks are on disk, docs/design.md "Streaming and resume"). Either way the one shard writer
+    writes them (:mod:`optimum_maiht.writer`).
     """
-    from .model_card import write_model_card
-
     if save_format not in SAVE_FORMATS:
         raise ValueError(f"save_format must be one of {SAVE_FORMATS}, got {save_format!r}")
     with atomic_directory(save_directory, overwrite=overwrite) as tmp:
-        (write_weights or _write_weights)(tmp, model, config, report, save_format, max_shard_size)
+        source = source if source is not None else ModelWeights(model)
+        if save_format == "dense":
+            write_dense(tmp, source, max_shard_size)
+        else:
+            pruned, transposed = compressed_layers(config, report)
+            write_compressed(tmp, source, pruned, transposed, max_shard_size, source.spill_folder)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         config.save_pretrained(tmp)
@@ -127,21 +118,36 @@ def save_pruned(
     return target
 
 
-def _write_weights(
-    folder: Path,
-    model: nn.Module,
-    config: MAIHTConfig,
-    report: PruneReport,
-    save_format: str,
-    max_shard_size: str | int,
-) -> None:
-    if save_format == "dense":
-        model.save_pretrained(folder, max_shard_size=max_shard_size)
-        return
-    from .compressed import save_compressed
+def write_dense(folder: Path, source: WeightSource, max_shard_size: str | int) -> None:
+    """What ``PreTrainedModel.save_pretrained`` writes, through the one shard writer: its config files
+    (written by it, with no tensors), then the tensors it would save (tied weights removed, the
+    checkpoint's layout restored, in its order) cut into the same shards, and the same index. A streamed
+    run's blocks are read (and their layout restored) one at a time."""
+    model = source.model
+    model.save_pretrained(folder, state_dict={})
+    (folder / "model.safetensors").unlink(missing_ok=True)  # none is written for no tensors
+    layout = source.saved_layout()
+    which = segment_of(model)
+    cache: dict[int | None, dict[str, Tensor]] = {}
 
-    pruned, transposed = compressed_layers(config, report)
-    save_compressed(model, folder, pruned, max_shard_size=max_shard_size, transposed=transposed)
+    def fetch(name: str) -> Tensor:
+        if layout[name].device.type != "meta":
+            return layout[name]
+        index = which(name)
+        if index not in cache:
+            for block in [k for k in cache if k is not None]:  # one block at a time
+                del cache[block]
+            cache[index] = source.saved_segment(index)
+        return cache[index][name]
+
+    metadata = {"format": "pt"}
+    pattern = "model{suffix}.safetensors"
+    split = write_shards(
+        folder, layout, fetch, pattern=pattern, max_shard_size=max_shard_size, metadata=metadata
+    )
+    if split.is_sharded:
+        index_metadata = {"total_parameters": model.num_parameters(), **split.metadata}
+        write_index(folder / "model.safetensors.index.json", index_metadata, split.tensor_to_filename)
 
 
 def compressed_layers(config: MAIHTConfig, report: PruneReport) -> tuple[dict[str, Any], set[str]]:
@@ -165,7 +171,7 @@ def _parameter_name(layer_name: str) -> str:
 def _annotation(config: MAIHTConfig, report: PruneReport, save_format: str) -> dict[str, Any]:
     """The ``"maiht"`` entry of ``config.json``: a summary; the details are in our own files."""
     return {
-        "method": "mAIHT",
+        "method": SOLVER_DISPLAY_NAMES.get(report.solver, report.solver),
         "sparsity": config.sparsity,
         "pattern": config.pattern,
         "measured_sparsity": round(report.sparsity, 6),

@@ -297,6 +297,70 @@ def _quiet_lm_eval() -> Iterator[None]:
         lm_logger.setLevel(level)
 
 
+PRUNE_TASK_OPTIONS = ("num_fewshot", "limit", "include_path", "batch_size")
+"""The keyword arguments of :func:`evaluate_tasks` that ``MAIHTPruner.prune(eval_task_options=...)`` takes."""
+
+
+def task_options(
+    tasks: str | Sequence[str] | None, options: dict[str, Any] | None, batch_size: int
+) -> dict[str, Any] | None:
+    """:func:`evaluate_tasks`' keyword arguments for ``prune(eval_tasks=..., eval_task_options=...)``,
+    checked before any work (a missing extra fails now, not after pruning); ``None`` without tasks."""
+    if tasks is None:
+        if options:
+            raise ValueError("eval_task_options was given without eval_tasks")
+        return None
+    unknown = sorted(set(options or {}) - set(PRUNE_TASK_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown eval_task_options {unknown}; allowed: {list(PRUNE_TASK_OPTIONS)}")
+    kwargs = {"batch_size": batch_size, **(options or {}), "tasks": parse_tasks(tasks)}
+    check_options(kwargs.get("num_fewshot"), kwargs.get("limit"), kwargs["batch_size"])
+    lm_eval_module()
+    return kwargs
+
+
+def _simple_evaluate(
+    lm_eval: Any,
+    model: nn.Module,
+    tokenizer: Any,
+    names: list[str],
+    manager: Any,
+    num_fewshot: int | None,
+    limit: int | float | None,
+    batch_size: int,
+    device: str | torch.device | None,
+) -> dict[str, Any]:
+    """lm-eval's ``simple_evaluate`` on the very model object, moved to ``device`` and back, in eval mode,
+    the random states and lm-eval's logging as they were."""
+    from lm_eval.models.huggingface import HFLM
+
+    home = next(model.parameters()).device
+    move = device is not None and torch.device(device) != home  # a dispatched model stays where it is
+    was_training = model.training
+    if move:
+        model.to(device)
+    model.eval()
+    try:
+        with _quiet_lm_eval(), _kept_random_state():
+            loaded = load_tasks(names, manager)
+            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+            return (
+                lm_eval.simple_evaluate(
+                    model=lm,
+                    tasks=loaded,
+                    num_fewshot=num_fewshot,
+                    limit=limit,
+                    task_manager=manager,
+                    log_samples=False,
+                )
+                or {}
+            )
+    finally:
+        if move:
+            model.to(home)
+        model.train(was_training)
+
+
 def evaluate_tasks(
     model: nn.Module,
     tokenizer: Any,
@@ -343,32 +407,11 @@ def evaluate_tasks(
     start = time.perf_counter()
     manager = task_manager(include_path)
     check_tasks(names, manager)
-    from lm_eval.models.huggingface import HFLM
-
-    home = next(model.parameters()).device
-    move = device is not None and torch.device(device) != home  # a dispatched model stays where it is
-    was_training = model.training
-    if move:
-        model.to(device)
-    model.eval()
-    try:
-        with _quiet_lm_eval(), _kept_random_state():
-            loaded = load_tasks(names, manager)
-            lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-            output = lm_eval.simple_evaluate(
-                model=lm,
-                tasks=loaded,
-                num_fewshot=num_fewshot,
-                limit=limit,
-                task_manager=manager,
-                log_samples=False,
-            )
-    finally:
-        if move:
-            model.to(home)
-        model.train(was_training)
+    output = _simple_evaluate(
+        lm_eval, model, tokenizer, names, manager, num_fewshot, limit, batch_size, device
+    )
     results = ZeroShotResults(
-        scores=_scores(output or {}),
+        scores=_scores(output),
         tasks=names,
         lm_eval_version=lm_eval_version(),
         num_fewshot=num_fewshot,

@@ -88,34 +88,36 @@ def reconstruction(out: Path) -> None:
 
 
 def fail_refit() -> None:
-    import optimum_maiht.sequential as sequential
     from optimum_maiht import MAIHTConfig, MAIHTPruner
+    from optimum_maiht.pipeline import BlockCall
 
     if int(os.environ["RANK"]) == 1:
-        run = sequential._BlockCall.run
+        run = BlockCall.run
 
         def run_or_fail(call, block, hidden):
             if torch.is_grad_enabled():  # a training step, not a calibration pass or an error measurement
                 raise ValueError(FAILURE)
             return run(call, block, hidden)
 
-        sequential._BlockCall.run = run_or_fail
+        BlockCall.run = run_or_fail
     pruner = MAIHTPruner(make_tiny_model("llama"), MAIHTConfig(**RECONSTRUCTION))
     pruner.prune(calibration_ids(), progress=False)
 
 
 def fail(where: str) -> None:
-    import optimum_maiht.sequential as sequential
+    from optimum_maiht import MAIHTPruner
+    from optimum_maiht.pipeline import context
 
+    model, config = build("llama-50")
+    solver = None
     if int(os.environ["RANK"]) == 1:
         if where == "solve":
 
-            def broken_solve(*args, **kwargs):
+            def solver(weight, gram, spec):  # the layer-solver seam: an experiment's own solver
                 raise ValueError(FAILURE)
 
-            sequential._solve = broken_solve
         else:
-            real = sequential.run_calibration
+            real = context.replay
             calls = []
 
             def broken_forward(*args, **kwargs):
@@ -124,8 +126,8 @@ def fail(where: str) -> None:
                     raise ValueError(FAILURE)
                 return real(*args, **kwargs)
 
-            sequential.run_calibration = broken_forward
-    prune("llama-50")
+            context.replay = broken_forward
+    MAIHTPruner(model, config, solver=solver).prune(calibration_ids(), progress=False)
 
 
 STREAM = dict(num_samples=8, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3)
@@ -166,9 +168,7 @@ def stream(out: Path) -> None:
     StreamingStore.done = done
     finished = sorted(p.name for p in partial_folder(out / "resumed").glob("blocks/*.json"))
     resumed = run("resumed", resume=True)
-    errors = [
-        [(layer.name, layer.sparsity, layer.error_after) for layer in r.layers] for r in (report, resumed)
-    ]
+    errors = [[(layer.name, layer.sparsity, layer.error) for layer in r.layers] for r in (report, resumed)]
     record = {
         "world_size": report.world_size,
         "failure": failure,

@@ -21,8 +21,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaModel
 
-from optimum_maiht.conversion import CheckpointConversion, CheckpointMismatchError, read_headers, split_saved
+from optimum_maiht.conversion import CheckpointConversion, CheckpointMismatchError, read_headers
 from optimum_maiht.model_utils import block_prefix, find_decoder_blocks
+from optimum_maiht.writer import plan_shards
 
 FAMILIES = MOE_FAMILIES + ARCHITECTURES
 SHARD = "20KB"  # a few tensors per shard: every tiny model is sharded, blocks span shards
@@ -112,7 +113,7 @@ def check_saving(conversion: CheckpointConversion, prefixes: list[str], model, t
         n: (t.shape, t.dtype) for n, t in want.items()
     }
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    split = split_saved(layout, SHARD, PATTERN)
+    split = plan_shards(layout, PATTERN, SHARD)
     assert split.tensor_to_filename == index["weight_map"]
     assert split.metadata["total_size"] == index["metadata"]["total_size"]
 

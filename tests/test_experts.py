@@ -202,8 +202,10 @@ def test_starved_experts(setup):
     _, index = setup.routing(recorder)
     counts = torch.bincount(index.flatten(), minlength=setup.fused[0].num_experts)
     threshold = int(counts.max())
-    assert recorder.starved(threshold) == [e for e, c in enumerate(counts.tolist()) if c < threshold]
-    assert recorder.starved(0) == []
+    every = range(setup.fused[0].num_experts)
+    assert recorder.starved(threshold, every) == [e for e, c in enumerate(counts.tolist()) if c < threshold]
+    assert recorder.starved(0, every) == []
+    assert recorder.starved(threshold, [0]) == [e for e in [0] if counts[e] < threshold]  # only those asked
 
 
 def test_fused_implementation_is_refused():

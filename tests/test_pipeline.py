@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
-from optimum_maiht.sequential import GramCollector
+from optimum_maiht.pipeline.statistics import GramCollector
 
 SMALL = dict(num_samples=8, sequence_length=32, batch_size=4, iterations=5, refit_iterations=5)
 
@@ -54,7 +54,7 @@ def test_every_architecture_prunes_saves_and_reloads_with_equal_logits(arch, pat
     linears = [m for m in blocks.modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
     assert len(pruner.layer_reports) == len(linears), "every linear layer of every block is a target"
     for r in pruner.layer_reports:
-        assert r.error_after <= r.error_before + 1e-9, r.name
+        assert r.error <= r.error_wanda + 1e-9, r.name
         assert all(b <= a for a, b in zip(r.history, r.history[1:], strict=False)), r.name
 
     out = pruner.save_pretrained(tmp_path / "pruned")
@@ -77,7 +77,7 @@ def test_saved_folder_holds_config_report_and_annotation(tmp_path):
     assert report["config"]["pattern"] == "4:8" and report["sparsity"] == pytest.approx(0.5)
     assert len(report["layers"]) == sum(isinstance(m, nn.Linear) for m in pruner.model.model.layers.modules())
     layer = report["layers"][0]
-    assert {"name", "shape", "sparsity", "error_before", "error_after", "iterations", "seconds"} <= set(layer)
+    assert {"name", "shape", "sparsity", "error_wanda", "error", "iterations", "seconds"} <= set(layer)
     annotation = json.loads((out / "config.json").read_text())["maiht"]
     assert annotation["pattern"] == "4:8" and annotation["format"] == "dense"
     assert (out / "tokenizer.json").is_file()
@@ -186,7 +186,7 @@ def test_non_finite_activations_do_not_make_a_nan_model(caplog):
     assert "non-finite" in caplog.text
     for name, w in pruned_layers(model, pruner).items():
         assert torch.isfinite(w).all(), name
-    assert all(math.isfinite(r.error_after) for r in pruner.layer_reports)
+    assert all(math.isfinite(r.error) for r in pruner.layer_reports)
 
 
 def test_sequence_length_is_capped_at_the_model_context(caplog):
@@ -255,7 +255,7 @@ def test_from_pretrained_loads_model_and_tokenizer_from_a_folder(tmp_path):
 
 
 def test_progress_bar_names_the_layer_being_solved_and_the_time_per_block(monkeypatch):
-    import optimum_maiht.sequential as sequential
+    import optimum_maiht.pipeline.sequential as sequential
 
     postfixes: list[str] = []
     real_tqdm = sequential.tqdm

@@ -18,19 +18,19 @@ from test_streaming import assert_same_tensors, fail_after, in_memory, make_chec
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.cli.prune import prune_summary
+from optimum_maiht.distributed import SINGLE
 from optimum_maiht.experts import eager_experts
 from optimum_maiht.model_card import render_model_card
 from optimum_maiht.model_utils import find_decoder_blocks
-from optimum_maiht.reconstruction import holdout_batches
+from optimum_maiht.pipeline import BlockCall, BlockContext, Placement
+from optimum_maiht.pipeline.capture import capture_block_inputs, replay
+from optimum_maiht.pipeline.reconstruct import _refit_pieces, holdout_batches, reconstruct_block
+from optimum_maiht.pipeline.solve import Solving, solve_block
 from optimum_maiht.report import BlockReconstruction, PruneReport
-from optimum_maiht.sequential import (
-    _prune_block,
-    _refit_pieces,
-    capture_block_inputs,
-    reconstruct_block,
-    run_calibration,
-)
 from optimum_maiht.streaming import StreamingStore, partial_folder
+from optimum_maiht.targets import find_targets
+
+CPU = Placement(torch.device("cpu"))
 
 SMALL = dict(num_samples=16, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3)
 
@@ -39,19 +39,24 @@ def config(**changes) -> MAIHTConfig:
     return MAIHTConfig(**{**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 1e-4, **changes})
 
 
-def pruned_block(model, cfg: MAIHTConfig):
-    """Block 0 of ``model`` pruned by the layer solves, with what its refit needs: (block, targets, layer
-    reports, pruned inputs, calls, dense outputs)."""
-    from optimum_maiht.targets import find_targets
-
+def pruned_block(model, cfg: MAIHTConfig) -> tuple[BlockContext, list]:
+    """Block 0 of ``model`` pruned by the layer solves, with what its refit needs: its context (block,
+    targets, pruned inputs, calls, dense outputs) and its layer reports."""
     name, blocks = find_decoder_blocks(model)
     targets = find_targets(model, name, blocks, cfg)[0]
     ids = calibration_ids(cfg.num_samples, cfg.sequence_length)
-    hidden, calls = capture_block_inputs(model, blocks, ids, cfg.batch_size, torch.device("cpu"))
+    hidden, calls = capture_block_inputs(model, blocks, ids, cfg.batch_size, CPU)
     block = blocks[0]
-    dense = run_calibration(block, hidden, calls[0])
-    layers = _prune_block(targets, functools.partial(run_calibration, block, hidden, calls[0]), cfg)
-    return block, targets, layers, hidden, calls[0], dense
+    dense = replay(block, hidden, calls[0])
+    ctx = BlockContext(0, block, targets, calls[0], hidden, CPU, dense)
+    layers = solve_block(
+        targets, functools.partial(replay, block, hidden, calls[0]), Solving.from_config(cfg, SINGLE)
+    )
+    return ctx, layers
+
+
+def refit(ctx: BlockContext, layers: list, cfg: MAIHTConfig) -> BlockReconstruction:
+    return reconstruct_block(ctx, layers, cfg, SINGLE)
 
 
 def target_weights(targets) -> dict[str, torch.Tensor]:
@@ -59,11 +64,12 @@ def target_weights(targets) -> dict[str, torch.Tensor]:
     return weights | {w.name: w.param for w in targets.experts}
 
 
-def block_error(block, hidden, calls, dense, batches: list[int] | None = None) -> float:
+def block_error(ctx: BlockContext, batches: list[int] | None = None) -> float:
     """The mean over the tokens of ``batches`` (default all) of each token's squared error relative to its
     dense output's squared norm."""
+    hidden, calls, dense = ctx.hidden, ctx.calls, ctx.dense
     batches = range(len(hidden)) if batches is None else batches
-    out = run_calibration(block, [hidden[k] for k in batches], [calls[k] for k in batches])
+    out = replay(ctx.block, [hidden[k] for k in batches], [calls[k] for k in batches])
     errors = [
         ((o.double() - dense[k].double()).square().sum(-1) / dense[k].double().square().sum(-1)).flatten()
         for o, k in zip(out, batches, strict=True)
@@ -87,22 +93,23 @@ def test_refit_lowers_the_block_error_and_never_moves_a_zero(family: str, patter
     model = make_moe_model(family) if moe else make_tiny_model(family)
     cfg = config(pattern=pattern, min_expert_tokens=0, reconstruction_batch_size=piece)
     with eager_experts(model) if moe else contextlib.nullcontext():
-        block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
+        ctx, layers = pruned_block(model, cfg)
+        block, targets = ctx.block, ctx.targets
         weights = target_weights(targets)
         assert not moe or targets.experts  # the fused expert slices are refitted too
         before = {n: w.detach().clone() for n, w in weights.items()}
         others = {n: p.detach().clone() for n, p in block.named_parameters() if p.dim() < 2}  # norms
-        held = holdout_batches([len(hidden)], cfg.reconstruction_holdout)
-        measure = functools.partial(block_error, block, hidden, calls, dense)
+        held = holdout_batches([len(ctx.hidden)], cfg.reconstruction_holdout)
+        measure = functools.partial(block_error, ctx)
         error_start, held_start = measure(), measure(held)
-        result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+        result = refit(ctx, layers, cfg)
         error_end, held_end = measure(), measure(held)
 
     assert result.skipped is None and result.epochs >= 1
     assert error_end < 0.95 * error_start  # on every calibration window
-    assert result.error_before == pytest.approx(held_start, rel=1e-5)  # the report: the held-out ones
-    assert result.error_after == pytest.approx(held_end, rel=1e-5)
-    assert result.error_after < result.error_before
+    assert result.error_solved == pytest.approx(held_start, rel=1e-5)  # the report: the held-out ones
+    assert result.error_refit == pytest.approx(held_end, rel=1e-5)
+    assert result.error_refit < result.error_solved
     for name, weight in weights.items():
         assert torch.equal(weight == 0, before[name] == 0), name  # the same zeros, exactly
         assert not torch.equal(weight, before[name]), name  # and the kept weights moved
@@ -124,8 +131,9 @@ def test_a_piece_of_a_batch_gives_those_rows_of_the_whole_batch(family: str) -> 
     model = make_moe_model(family) if moe else make_tiny_model(family)
     with eager_experts(model) if moe else contextlib.nullcontext():
         _, blocks = find_decoder_blocks(model)
-        hidden, calls = capture_block_inputs(model, blocks, calibration_ids(8, 32), 4, torch.device("cpu"))
-        pieces = _refit_pieces(1, blocks[1], hidden, calls[1], 3, torch.device("cpu"))
+        hidden, calls = capture_block_inputs(model, blocks, calibration_ids(8, 32), 4, CPU)
+        ctx = BlockContext(1, blocks[1], None, calls[1], hidden, CPU)
+        pieces = _refit_pieces(ctx, calls[1], 3, torch.device("cpu"))
         assert [(p.batch, p.rows.start) for p in pieces] == [(0, 0), (0, 3), (1, 0), (1, 3)]
         with torch.no_grad():
             for p in pieces:
@@ -139,19 +147,18 @@ def test_a_call_that_cannot_be_cut_falls_back_to_whole_batches(
 ) -> None:
     """A per-window tensor the row rule misses (simulated: the cut call's rotary tables are wrong) is
     caught by the check: the refit runs on whole batches, as with ``reconstruction_batch_size=batch_size``."""
-    import optimum_maiht.sequential as sequential
 
     def wrong_cut(call, rows, batch):
-        return sequential._map_call(call, lambda t: 2 * t if t.is_floating_point() else t)
+        return call.map_tensors(lambda t: 2 * t if t.is_floating_point() else t)
 
-    monkeypatch.setattr(sequential, "_rows_call", wrong_cut)
+    monkeypatch.setattr(BlockCall, "rows", wrong_cut)
     states = []
     for piece in (1, SMALL["batch_size"]):
-        block, targets, layers, hidden, calls, dense = pruned_block(make_tiny_model("llama"), config())
+        ctx, layers = pruned_block(make_tiny_model("llama"), config())
         cfg = config(reconstruction_batch_size=piece)
-        with caplog.at_level(logging.WARNING, logger="optimum_maiht.sequential"):
-            reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
-        states.append({n: t.clone() for n, t in block.state_dict().items()})
+        with caplog.at_level(logging.WARNING, logger="optimum_maiht.pipeline.reconstruct"):
+            refit(ctx, layers, cfg)
+        states.append({n: t.clone() for n, t in ctx.block.state_dict().items()})
     assert "cannot be cut into pieces of 1 windows" in caplog.text
     for name, tensor in states[0].items():
         assert torch.equal(tensor, states[1][name]), name
@@ -159,13 +166,13 @@ def test_a_call_that_cannot_be_cut_falls_back_to_whole_batches(
 
 def test_refit_keeps_the_starting_weights_when_it_cannot_help(caplog: pytest.LogCaptureFixture) -> None:
     cfg = config(reconstruction_lr=10.0)  # diverges
-    block, targets, layers, hidden, calls, dense = pruned_block(make_tiny_model("llama"), cfg)
-    before = {n: p.detach().clone() for n, p in block.state_dict().items()}
-    with caplog.at_level(logging.INFO, logger="optimum_maiht.sequential"):
-        result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
+    ctx, layers = pruned_block(make_tiny_model("llama"), cfg)
+    before = {n: p.detach().clone() for n, p in ctx.block.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger="optimum_maiht.pipeline.reconstruct"):
+        result = refit(ctx, layers, cfg)
     assert result.epochs == 0 and result.epochs_run >= 1
-    assert result.error_after == result.error_before
-    for name, tensor in block.state_dict().items():
+    assert result.error_refit == result.error_solved
+    for name, tensor in ctx.block.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert "never lowered the held-out output error" in caplog.text
 
@@ -173,12 +180,12 @@ def test_refit_keeps_the_starting_weights_when_it_cannot_help(caplog: pytest.Log
 def test_half_precision_block_is_refitted_in_float32_and_cast_back() -> None:
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     cfg = config(pattern="2:4")
-    block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
-    zeros = {n: w == 0 for n, w in target_weights(targets).items()}
-    result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
-    assert result.epochs >= 1 and result.error_after < result.error_before
-    assert all(p.dtype == torch.bfloat16 for p in block.parameters())
-    for name, weight in target_weights(targets).items():
+    ctx, layers = pruned_block(model, cfg)
+    zeros = {n: w == 0 for n, w in target_weights(ctx.targets).items()}
+    result = refit(ctx, layers, cfg)
+    assert result.epochs >= 1 and result.error_refit < result.error_solved
+    assert all(p.dtype == torch.bfloat16 for p in ctx.block.parameters())
+    for name, weight in target_weights(ctx.targets).items():
         assert torch.equal(weight == 0, zeros[name]), name
 
 
@@ -186,7 +193,7 @@ def test_too_few_batches_skip_the_refit_with_a_warning(caplog: pytest.LogCapture
     model = make_tiny_model("llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     cfg = config(num_samples=4, batch_size=4)
-    with caplog.at_level(logging.WARNING, logger="optimum_maiht.sequential"):
+    with caplog.at_level(logging.WARNING, logger="optimum_maiht.pipeline.reconstruct"):
         pruner = MAIHTPruner(model, cfg)
         pruner.prune(calibration_ids(4, 32), progress=False)
     reference = MAIHTPruner(
@@ -210,7 +217,7 @@ def test_holdout_batches_spread_over_every_rank() -> None:
 
 
 def test_off_by_default_and_epochs_zero_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
-    import optimum_maiht.sequential as sequential
+    import optimum_maiht.pipeline.sequential as sequential
 
     def never(*args, **kwargs):
         raise AssertionError("block reconstruction ran while off")
@@ -235,17 +242,17 @@ def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
     assert all(isinstance(b, BlockReconstruction) and b.epochs_run >= 1 for b in report.reconstruction)
     data = json.loads(json.dumps(report.to_dict()))
     assert data["config"]["reconstruction_epochs"] == 3
-    assert set(data["reconstruction"][0]) >= {"error_before", "error_after", "epochs", "epochs_run"}
+    assert set(data["reconstruction"][0]) >= {"error_solved", "error_refit", "epochs", "epochs_run"}
     again = PruneReport.from_dict(data)
     assert again.reconstruction == report.reconstruction
     mean = report.reconstruction_mean()
-    assert mean is not None and mean["error_after"] < mean["error_before"]
+    assert mean is not None and mean["error_refit"] < mean["error_solved"]
     card = str(render_model_card(report))
-    assert "Block reconstruction (experimental)" in card and f"{mean['error_after']:.4f} after" in card
+    assert "Block reconstruction (experimental)" in card and f"{mean['error_refit']:.4f} after" in card
     assert "`reconstruction_epochs` | `3`" in card
     summary = prune_summary(report, "tiny", tmp_path, "dense", 1.0)
-    assert f"{mean['error_before']:.4f} -> {mean['error_after']:.4f} (mean of 2 blocks)" in summary
-    assert data["report_version"] == 3
+    assert f"{mean['error_solved']:.4f} -> {mean['error_refit']:.4f} (mean of 2 blocks)" in summary
+    assert data["report_version"] == 4
 
 
 def test_a_version_2_report_gives_its_held_out_errors() -> None:
@@ -254,7 +261,7 @@ def test_a_version_2_report_gives_its_held_out_errors() -> None:
     block |= {"epochs": 1, "epochs_run": 2, "seconds": 1.0}
     data = {"report_version": 2, "config": {}, "layers": [], "reconstruction": [block]}
     (read,) = PruneReport.from_dict(data).reconstruction
-    assert (read.error_before, read.error_after, read.epochs) == (0.3, 0.2, 1)
+    assert (read.error_solved, read.error_refit, read.epochs) == (0.3, 0.2, 1)
 
 
 @pytest.mark.parametrize(
@@ -325,10 +332,10 @@ def test_an_expert_module_no_token_reaches_is_left_as_pruned() -> None:
         block.mlp = ToyExpertsMoE(64, 32, 4)
     # whole batches: on this random toy, steps of one window at lr 1e-4 never lower the held-out error
     cfg = config(reconstruction_batch_size=SMALL["batch_size"])
-    block, targets, layers, hidden, calls, dense = pruned_block(model, cfg)
-    before = {n: w.detach().clone() for n, w in target_weights(targets).items()}
-    result = reconstruct_block(0, block, targets, layers, hidden, calls, dense, cfg)
-    after = target_weights(targets)
-    assert result.epochs >= 1 and result.error_after < result.error_before
+    ctx, layers = pruned_block(model, cfg)
+    before = {n: w.detach().clone() for n, w in target_weights(ctx.targets).items()}
+    result = refit(ctx, layers, cfg)
+    after = target_weights(ctx.targets)
+    assert result.epochs >= 1 and result.error_refit < result.error_solved
     assert torch.equal(after["model.layers.0.mlp.experts.3.0"], before["model.layers.0.mlp.experts.3.0"])
     assert not torch.equal(after["model.layers.0.mlp.experts.0.0"], before["model.layers.0.mlp.experts.0.0"])

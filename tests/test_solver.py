@@ -7,7 +7,7 @@ import torch
 from conftest import calibration_ids, make_tiny_model
 
 from optimum_maiht.model_utils import find_decoder_blocks
-from optimum_maiht.sequential import GramCollector
+from optimum_maiht.pipeline.statistics import GramCollector
 from optimum_maiht.solver import (
     column_scale,
     lambda_max,

@@ -43,7 +43,24 @@ class ConfigFlag:
     default_text: str | None = None
 
 
+def regex_sparsity(text: str) -> tuple[str, float]:
+    """``--layer-sparsity`` entries: ``REGEX=SPARSITY`` (the last ``=`` splits them)."""
+    regex, sep, value = text.rpartition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if not sep or not regex or number is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not REGEX=SPARSITY, e.g. 'mlp.down_proj=0.4'")
+    return regex, number
+
+
 CONFIG_FLAGS: dict[str, ConfigFlag] = {
+    "solver": ConfigFlag(
+        str,
+        "layer solver: 'maiht' (this package's), or the baselines 'sparsegpt', 'wanda', 'magnitude' on the "
+        "same calibration",
+    ),
     "sparsity": ConfigFlag(
         float,
         "fraction of weights set to zero in every target layer, in (0, 1)",
@@ -67,7 +84,11 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
     ),
     "num_samples": ConfigFlag(int, "calibration windows"),
     "sequence_length": ConfigFlag(int, "tokens per calibration window (capped at the model's context)"),
-    "batch_size": ConfigFlag(int, "windows per forward pass (memory only; also used by --eval)"),
+    "batch_size": ConfigFlag(
+        int,
+        "windows per forward pass (memory; with block reconstruction also the unit held out to choose its "
+        "epochs; also used by --eval)",
+    ),
     "seed": ConfigFlag(int, "seed of the calibration windows' choice and of the power iteration"),
     "experts_per_pass": ConfigFlag(
         int,
@@ -93,6 +114,14 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
         int,
         "calibration windows per Adam step of the block reconstruction (each batch is cut into pieces; "
         "--batch-size or more: one step per batch)",
+    ),
+    "layer_sparsity": ConfigFlag(
+        regex_sparsity,
+        "per-layer sparsity plan, unstructured only: a target whose full name matches REGEX (the first that "
+        "does) gets that sparsity instead of --sparsity",
+        "+",
+        "REGEX=SPARSITY",
+        default_text="none: every layer at --sparsity",
     ),
 }
 """CLI wording of the ``MAIHTConfig`` fields; a field missing here still gets a flag (see config_flags)."""

@@ -75,32 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="folder to save the pruned model in (must be empty or new)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
-    memory = parser.add_argument_group(
-        "memory",
-        "by default the model is streamed block by block from its safetensors checkpoint (host memory: the "
-        "weights outside the decoder blocks, a block or two and the activations), the state kept after "
-        "every block in OUTPUT.maiht-partial (under torchrun, by rank 0); --eval and --eval-tasks load it "
-        "whole",
-    )
-    memory.add_argument(
-        "--no-stream",
-        action="store_true",
-        help="load the whole model into host memory instead of streaming it (needed for fused "
-        "mixture-of-experts models)",
-    )
-    memory.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue a killed streaming run from OUTPUT.maiht-partial (same model, data, config and "
-        "versions: checked); without a partial folder, start from the first block",
-    )
-    memory.add_argument(
-        "--offload-activations",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="keep the calibration activations on the CPU while the blocks run on the GPU (default: when "
-        "they would take more than half of the GPU's free memory; no effect on a CPU)",
-    )
+    _add_memory_flags(parser)
     parser.add_argument(
         "--config",
         default=None,
@@ -140,6 +115,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_verbose(parser)
 
 
+def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    """Streaming (the default), resuming, and where the calibration activations live."""
+    memory = parser.add_argument_group(
+        "memory",
+        "by default the model is streamed block by block from its safetensors checkpoint (host memory: the "
+        "weights outside the decoder blocks, a block or two and the activations), the state kept after "
+        "every block in OUTPUT.maiht-partial (under torchrun, by rank 0); --eval and --eval-tasks load it "
+        "whole",
+    )
+    memory.add_argument(
+        "--no-stream",
+        action="store_true",
+        help="load the whole model into host memory instead of streaming it (needed for fused "
+        "mixture-of-experts models)",
+    )
+    memory.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a killed streaming run from OUTPUT.maiht-partial (same model, data, config and "
+        "versions: checked); without a partial folder, start from the first block",
+    )
+    memory.add_argument(
+        "--offload-activations",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="keep the calibration activations on the CPU while the blocks run on the GPU (default: when "
+        "they would take more than half of the GPU's free memory; no effect on a CPU)",
+    )
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``MAIHTConfig`` field, default ``None`` (= not given: --config or the default applies)."""
     group = parser.add_argument_group(
@@ -173,6 +178,8 @@ def build_config(args: argparse.Namespace) -> MAIHTConfig:
             raise CLIError(f"--config {args.config}: file not found")
         values = MAIHTConfig.from_pretrained(path).to_dict()
     given = {name: getattr(args, name) for name, _, _ in config_flags() if getattr(args, name) is not None}
+    if "layer_sparsity" in given:  # REGEX=SPARSITY pairs
+        given["layer_sparsity"] = dict(given["layer_sparsity"])
     if "pattern" in given and "sparsity" not in given and given["pattern"] != "unstructured":
         values.pop("sparsity", None)  # an N:M pattern given on the command line implies its sparsity
     values.update(given)
@@ -358,8 +365,8 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
     rebuilt = report.reconstruction_mean()
     if rebuilt is not None:
         lines.append(
-            f"  block rec.   held-out output error vs the dense blocks {rebuilt['error_before']:.4f} -> "
-            f"{rebuilt['error_after']:.4f} (mean of {rebuilt['blocks']} blocks)"
+            f"  block rec.   held-out output error vs the dense blocks {rebuilt['error_solved']:.4f} -> "
+            f"{rebuilt['error_refit']:.4f} (mean of {rebuilt['blocks']} blocks)"
         )
     if report.evaluation:
         lines.append(_perplexity_line(report.evaluation))

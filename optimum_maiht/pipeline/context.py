@@ -1,0 +1,33 @@
+"""The block context: what every stage of one decoder block works on, passed as one object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from ..targets import BlockTargets
+from .capture import BlockCall, Placement, replay
+
+
+@dataclass
+class BlockContext:
+    """One decoder block while its stages run (docs/design.md, "The pipeline")."""
+
+    index: int
+    block: nn.Module
+    """On the compute device."""
+    targets: BlockTargets
+    calls: list[BlockCall]
+    """Its recorded call, per calibration batch."""
+    hidden: list[Tensor]
+    """The pruned model's inputs to this block, per batch (parked by ``placement``)."""
+    placement: Placement
+    dense: list[Tensor] | None = None
+    """The dense model's outputs of this block, per batch: the reconstruct stage's targets (``None`` when
+    block reconstruction is off)."""
+
+    def replay(self, after_batch: Callable[[], None] | None = None) -> list[Tensor]:
+        """The block's outputs on every calibration batch (no grad), parked."""
+        return replay(self.block, self.hidden, self.calls, self.placement, after_batch)

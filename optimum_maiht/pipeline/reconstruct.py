@@ -1,0 +1,330 @@
+"""The reconstruct stage: refit the kept weights of a pruned block to the dense block's output
+(docs/design.md, "Block reconstruction").
+
+After the layer solves have fixed the masks of a block, the kept weights of all its pruned targets are
+refitted jointly with Adam to minimise the mean over tokens of each token's relative squared error
+``||block(X)_t - Y_t||^2 / ||Y_t||^2``, where ``X`` are the pruned model's block inputs and ``Y`` the dense
+model's block outputs. Per token, because whatever reads the residual stream next (the next block, the
+final norm) first divides each token by its RMS: an error matters relative to its own token's norm. (One
+error over the whole batch is dominated by the few tokens with massive activations, the first of each
+window in most LLMs, and barely moves the others.) Gradients are masked and the zeros re-imposed after
+every step, so the sparsity pattern never changes. The number of epochs is chosen on held-out
+calibration batches: the weights with the lowest held-out error are kept, the starting weights included,
+so the refit never makes the held-out error worse. The errors reported are those held-out ones, before
+and after: measured on windows no step has seen.
+
+:func:`refit_block` is the maths (a forward function, tensors and their masks in); :func:`reconstruct_block`
+the stage around it (which weights, the float32 cast, the calibration batches cut into pieces).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..configuration import MAIHTConfig
+from ..distributed import Parallel
+from ..report import BlockReconstruction, LayerReport
+from .capture import BlockCall
+from .context import BlockContext
+
+logger = logging.getLogger(__name__)
+
+PATIENCE = 2
+"""Epochs without a lower held-out error after which the refit stops."""
+CUT_TOLERANCE = 1e-4
+"""A call cut by rows must give the whole batch's outputs for those rows within this relative difference."""
+
+
+# --------------------------------------------------------------------------------------------------
+# the maths
+
+
+@dataclass
+class RefitResult:
+    """Relative output errors against the dense block on the held-out batches (which choose the epoch),
+    before and after the refit."""
+
+    error_solved: float
+    """With the weights of the layer solves."""
+    error_refit: float
+    """With the weights kept."""
+    epochs: int
+    """Epochs whose weights were kept (0: the starting weights)."""
+    epochs_run: int
+    holdout_history: list[float] = field(default_factory=list)
+    """Held-out error after each epoch run."""
+
+
+def holdout_batches(counts: Sequence[int], share: float, rank: int = 0) -> list[int]:
+    """Indices (local to ``rank``) of the held-out batches: ``round(share * total)`` batches, at least one
+    and at most all but one, spread evenly over all ranks' batches (``counts``: batches per rank, in rank
+    order)."""
+    total = sum(counts)
+    held = min(total - 1, max(1, round(share * total)))
+    chosen = {(2 * j + 1) * total // (2 * held) for j in range(held)}
+    first = sum(counts[:rank])
+    return sorted(k - first for k in chosen if first <= k < first + counts[rank])
+
+
+def token_errors(out: Tensor, target: Tensor) -> Tensor:
+    """Each token's squared error relative to the squared norm of its target (float32, one per token)."""
+    target = target.to(out.device, torch.float32)
+    return (out.float() - target).square().sum(-1) / target.square().sum(-1).clamp_min(1e-30)
+
+
+def output_error(
+    forward: Callable[[int], Tensor], targets: Sequence[Tensor], batches: Sequence[int], parallel: Parallel
+) -> float:
+    """The mean of :func:`token_errors` over the tokens of ``batches`` (and of the ranks), no grad."""
+    total = count = 0.0
+    with torch.no_grad():
+        for k in batches:
+            errors = token_errors(forward(k), targets[k])
+            total += float(errors.sum())
+            count += errors.numel()
+    total, count = parallel.sum([total, count])
+    return total / count if count > 0 else 0.0
+
+
+def refit_block(
+    forward: Callable[[int], Tensor],
+    params: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    split: tuple[Sequence[int], Sequence[int]],
+    config: MAIHTConfig,
+    seed: int,
+    parallel: Parallel,
+) -> RefitResult:
+    """Refit ``params`` (float32 leaves, updated in place) where ``masks`` is True, so that ``forward(k)``
+    (the block on calibration piece ``k``) approaches ``targets[k]``; ``split`` = (training pieces,
+    held-out pieces).
+
+    Adam with ``config.reconstruction_lr``, one step per training piece (order reshuffled each epoch,
+    seeded with ``seed``), at most ``config.reconstruction_epochs`` epochs; the loss of a piece is the mean
+    of its :func:`token_errors`. After each epoch the held-out error is measured; the weights with the
+    lowest held-out error are kept (the starting ones included) and the refit stops after
+    :data:`PATIENCE` epochs without improvement or on a non-finite loss. With several ranks every step
+    averages the gradients of the ranks' pieces, so every rank takes the same steps and ends with the same
+    weights.
+    """
+    train, holdout = split
+    before = output_error(forward, targets, holdout, parallel)
+    best_error, best_epoch = before, 0
+    best = [p.detach().clone() for p in params]
+    steps = max(parallel.gather(len(train)))
+    optimizer = _adam(params, config.reconstruction_lr)
+    generator = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    for epoch in range(1, config.reconstruction_epochs + 1):
+        order = [train[k] for k in torch.randperm(len(train), generator=generator).tolist()]
+        finite = True
+        for step in range(steps):
+            finite = _step(
+                forward, params, masks, targets, order[step] if step < len(order) else None, parallel
+            )
+            if not finite:  # diverged: every rank sees it and stops here
+                break
+            optimizer.step()
+            with torch.no_grad():
+                for p, mask in zip(params, masks, strict=True):
+                    p.masked_fill_(~mask, 0.0)
+        error = output_error(forward, targets, holdout, parallel) if finite else math.inf
+        history.append(error)
+        if error < best_error:
+            best_error, best_epoch = error, epoch
+            for saved, p in zip(best, params, strict=True):
+                saved.copy_(p.detach())
+        if not math.isfinite(error) or epoch - best_epoch >= PATIENCE:
+            break
+    with torch.no_grad():
+        for saved, p in zip(best, params, strict=True):
+            p.copy_(saved)
+    return RefitResult(before, best_error, best_epoch, len(history), history)
+
+
+def _adam(params: Sequence[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam, fused (one kernel per step: 40% less time than the per-tensor loop for a block of the demo
+    model on a CPU, where many small steps make it count) where the parameters' device supports it."""
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.Adam(params, lr=lr)
+
+
+def _step(
+    forward: Callable[[int], Tensor],
+    params: Sequence[Tensor],
+    masks: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    batch: int | None,
+    parallel: Parallel,
+) -> bool:
+    """Set each parameter's ``grad`` to the masked gradient of the relative error of ``batch`` (``None``:
+    this rank has no batch at this step), averaged over the ranks that had one; whether the loss was
+    finite on every rank."""
+    found: list[Tensor | None] = [None] * len(params)
+    flags = torch.zeros(2, dtype=torch.float32, device=params[0].device)  # batches here, non-finite losses
+    error = None
+    try:
+        if batch is not None:
+            with torch.enable_grad():
+                loss = token_errors(forward(batch), targets[batch]).mean()
+                # allow_unused: an expert that no token of this batch was routed to gets no gradient
+                found = list(torch.autograd.grad(loss, params, allow_unused=True))
+            flags[0] = 1.0
+            flags[1] = 0.0 if bool(torch.isfinite(loss)) else 1.0
+    except Exception as err:  # shared with the other ranks by sum_tensors
+        error = err
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
+    parallel.sum_tensors([*grads, flags], error)
+    count, nonfinite = flags.tolist()
+    for p, grad, mask in zip(params, grads, masks, strict=True):
+        p.grad = grad.mul_(mask).div_(max(count, 1.0))
+    return nonfinite == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# the stage
+
+
+def reconstruct_block(
+    ctx: BlockContext, layers: list[LayerReport], config: MAIHTConfig, parallel: Parallel
+) -> BlockReconstruction:
+    """Refit the kept weights of the pruned targets of ``ctx.block`` (on its compute device) so that its
+    output on the pruned inputs approaches the dense block's ``ctx.dense``. The block runs in float32 (a
+    half-precision block is cast and cast back); the zero pattern of every pruned weight is kept exactly.
+    ``layers``: the block's layer reports (the targets actually pruned)."""
+    start = time.perf_counter()
+    pruned = {layer.name.partition("[")[0] for layer in layers if layer.skipped is None}
+    params = [m.weight for n, m in ctx.targets.linears.items() if n in pruned]
+    params += [w.param for w in ctx.targets.experts if w.name in pruned]
+    counts = parallel.gather(len(ctx.hidden))
+    held_batches = set(holdout_batches(counts, config.reconstruction_holdout, parallel.rank))
+    skipped = None
+    if not params:
+        skipped = "no pruned layer"
+    elif sum(counts) < 2:
+        skipped = (
+            f"{sum(counts)} calibration batch: none can be held out to choose the epochs; raise num_samples "
+            "or lower batch_size"
+        )
+        logger.warning("block %d: block reconstruction skipped: %s", ctx.index, skipped)
+    if skipped is not None:
+        return BlockReconstruction(ctx.index, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
+    device = params[0].device
+    with _float32(ctx.block, params) as leaves:
+        masks = [p != 0 for p in leaves]
+        calls = [call.float32() for call in ctx.calls]
+        pieces = _refit_pieces(ctx, calls, config.reconstruction_batch_size, device)
+        holdout = [j for j, piece in enumerate(pieces) if piece.batch in held_batches]
+        train = [j for j, piece in enumerate(pieces) if piece.batch not in held_batches]
+
+        def forward(j: int) -> Tensor:
+            piece = pieces[j]
+            return piece.call.run(ctx.block, ctx.hidden[piece.batch][piece.rows].to(device, torch.float32))
+
+        targets = [ctx.dense[piece.batch][piece.rows] for piece in pieces]
+        fit = refit_block(
+            forward, leaves, masks, targets, (train, holdout), config, config.seed + ctx.index, parallel
+        )
+    seconds = round(time.perf_counter() - start, 3)
+    if fit.epochs == 0:
+        logger.info(
+            "block %d: the refit never lowered the held-out output error (%.4g); the weights of the layer "
+            "solves are kept",
+            ctx.index,
+            fit.error_solved,
+        )
+    else:
+        logger.info(
+            "block %d: block reconstruction, held-out output error %.4g -> %.4g (epoch %d of %d, %.1fs)",
+            ctx.index,
+            fit.error_solved,
+            fit.error_refit,
+            fit.epochs,
+            fit.epochs_run,
+            seconds,
+        )
+    return BlockReconstruction(
+        ctx.index, fit.error_solved, fit.error_refit, fit.epochs, fit.epochs_run, seconds
+    )
+
+
+@dataclass
+class Piece:
+    """The windows ``rows`` of calibration batch ``batch``: one step of the refit, with its call."""
+
+    batch: int
+    rows: slice
+    call: BlockCall
+
+
+def _refit_pieces(ctx: BlockContext, calls: list[BlockCall], size: int, device: torch.device) -> list[Piece]:
+    """The calibration batches cut into pieces of ``size`` windows, one Adam step each: the same tokens per
+    epoch in more, smaller steps. The first cut call is checked against the whole batch's forward; a model
+    whose call cannot be cut by rows (a per-window tensor the rule of :meth:`BlockCall.rows` misses) falls
+    back to whole batches, with a warning."""
+    hidden = ctx.hidden
+    whole = [Piece(k, slice(None), call) for k, call in enumerate(calls)]
+    if all(len(h) <= size for h in hidden):
+        return whole
+    pieces = [
+        Piece(k, slice(start, start + size), call.rows(slice(start, start + size), len(h)))
+        for k, (h, call) in enumerate(zip(hidden, calls, strict=True))
+        for start in range(0, len(h), size)
+    ]
+    first = next(p for p in pieces if p.rows.stop < len(hidden[p.batch]))
+    h = hidden[first.batch].to(device, torch.float32)
+    try:
+        with torch.no_grad():
+            full = calls[first.batch].run(ctx.block, h)[first.rows]
+            cut = first.call.run(ctx.block, h[first.rows])
+        gap = float((cut - full).norm() / full.norm().clamp_min(1e-30))
+    except (RuntimeError, ValueError, IndexError) as err:
+        gap, reason = math.inf, f"{type(err).__name__}: {err}"
+    else:
+        reason = f"relative difference {gap:.3g}"
+    if gap > CUT_TOLERANCE:
+        logger.warning(
+            "block %d: its calibration batches cannot be cut into pieces of %d windows for the refit (%s); "
+            "refitting on whole batches (batch_size)",
+            ctx.index,
+            size,
+            reason,
+        )
+        return whole
+    return pieces
+
+
+@contextlib.contextmanager
+def _float32(block: nn.Module, params: list[nn.Parameter]) -> Iterator[list[nn.Parameter]]:
+    """The block in float32 with ``params`` requiring grad, for the refit; afterwards every tensor gets
+    its dtype back and the zeros of ``params`` are re-imposed, so the cast cannot move the mask."""
+    tensors = list(block.parameters()) + list(block.buffers())
+    dtypes = [t.dtype for t in tensors]
+    wanted = [p.requires_grad for p in params]
+    masks = [p != 0 for p in params]
+    try:
+        for t in tensors:
+            if t.is_floating_point():
+                t.data = t.data.float()
+        for p in params:
+            p.requires_grad_(True)
+        yield params
+    finally:
+        with torch.no_grad():
+            for t, dtype in zip(tensors, dtypes, strict=True):
+                t.data = t.data.to(dtype)
+            for p, mask, flag in zip(params, masks, wanted, strict=True):
+                p.grad = None
+                p.masked_fill_(~mask, 0.0)
+                p.requires_grad_(flag)

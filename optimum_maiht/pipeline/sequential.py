@@ -1,0 +1,161 @@
+"""The sequential pipeline: prune a causal LM one decoder block at a time (docs/design.md, "The pipeline").
+
+    capture ──> for each block:  store.load ─> statistics + solve ─> reconstruct ─> propagate ─> store.done
+
+The stages live in their own modules (capture, statistics, solve, reconstruct, store); this module only
+moves data between them: the calibration activations from block to block, one :class:`BlockContext` per
+block, the progress bar, and the report's per-block records.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..configuration import MAIHTConfig
+from ..distributed import SINGLE, Parallel
+from ..experts import eager_experts
+from ..model_utils import find_decoder_blocks
+from ..report import BlockReconstruction, KeptDense, LayerReport
+from ..solvers import LayerSolver
+from ..targets import find_targets, kept_dense_weights
+from .capture import (
+    BlockCall,
+    Placement,
+    activations_device,
+    capture_block_inputs,
+    move_outside_blocks,
+    replay,
+)
+from .context import BlockContext
+from .reconstruct import reconstruct_block
+from .solve import Solving, solve_block
+from .store import IN_MEMORY, BlockStore, FinishedBlock
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SequentialResult:
+    """What :func:`prune_sequential` returns."""
+
+    layers: list[LayerReport]
+    kept_dense: list[KeptDense]
+    block_seconds: list[float] = field(default_factory=list)
+    reconstruction: list[BlockReconstruction] = field(default_factory=list)
+    """Per block, when block reconstruction is on."""
+
+    def add(self, record: FinishedBlock) -> None:
+        self.layers += record.layers
+        self.block_seconds.append(record.seconds)
+        if record.reconstruction is not None:
+            self.reconstruction.append(record.reconstruction)
+
+
+def prune_sequential(
+    model: nn.Module,
+    input_ids: Tensor,
+    config: MAIHTConfig,
+    *,
+    device: torch.device,
+    progress: bool = True,
+    parallel: Parallel = SINGLE,
+    store: BlockStore = IN_MEMORY,
+    offload_activations: bool | None = None,
+    solver: LayerSolver | None = None,
+) -> SequentialResult:
+    """Prune ``model`` in place, block by block; return a report per target (a linear layer or an expert's
+    slice of a fused parameter), the other matrices inside the blocks (kept dense, with the reason) and the
+    time per block.
+
+    ``parallel``: under ``torchrun``, this rank's share of the windows is calibrated here and the
+    statistics and solves are shared with the other ranks. ``store``: where the blocks' weights come from
+    and go to (default: the model in memory). ``offload_activations``: keep the calibration activations on
+    the CPU between uses (``None``: when they would crowd the GPU). ``solver``: an experiment's own layer
+    solver instead of ``config.solver``.
+    """
+    blocks_name, blocks = find_decoder_blocks(model)
+    targets = find_targets(model, blocks_name, blocks, config)
+    result = SequentialResult(layers=[], kept_dense=kept_dense_weights(blocks_name, blocks, targets, config))
+    store.begin(input_ids, config)
+    refit = config.reconstruction_epochs > 0
+    parked = activations_device(model, input_ids, device, offload_activations, 3 if refit else 2)
+    placement = Placement(device, parked)
+    hidden, calls = _capture(
+        model, blocks, parallel.shard_windows(input_ids, config.batch_size), config, store, placement
+    )
+    home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    solving = Solving.from_config(config, parallel, solver)
+    dense = list(hidden) if refit else None  # the dense model's inputs to the next block
+    bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not progress)
+
+    def status(step: str) -> None:
+        """The bar's postfix: what runs now (a layer's solve, a pass...) and the last block's time."""
+        last = f", {result.block_seconds[-1]:.1f} s/block" if result.block_seconds else ""
+        bar.set_postfix_str(f"{step}{last}")
+
+    solving.status = status
+    with eager_experts(model) if any(t.experts for t in targets) else contextlib.nullcontext():
+        for i in bar:
+            start = time.perf_counter()
+            status(f"block {i}: calibration")
+            if dense is not None:  # the dense block's outputs: the next dense inputs and the refit's targets
+                store.load_dense(i, blocks[i])
+                dense = replay(blocks[i].to(device), dense, calls[i], placement)
+            finished = store.load(i, blocks[i])
+            ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement, dense)
+            layers, rebuilt = _prune_block(ctx, solving) if finished is None else ([], None)
+            hidden = ctx.replay()
+            _warn_non_finite(i, hidden)
+            blocks[i].to(home)
+            if finished is None:
+                finished = FinishedBlock(layers, round(time.perf_counter() - start, 3), rebuilt)
+                store.done(i, blocks[i], finished)
+            store.release(i, blocks[i])
+            result.add(finished)
+    return result
+
+
+def _capture(
+    model: nn.Module,
+    blocks: nn.ModuleList,
+    windows: Tensor,
+    config: MAIHTConfig,
+    store: BlockStore,
+    placement: Placement,
+) -> tuple[list[Tensor], list[list[BlockCall]]]:
+    """Block 0's inputs and every block's recorded calls, from this rank's ``windows``: block 0 and
+    everything outside the blocks are on the compute device meanwhile, and moved back after."""
+    home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
+    store.load(0, blocks[0])
+    move_outside_blocks(model, blocks, placement.compute)
+    blocks[0].to(placement.compute)
+    try:
+        return capture_block_inputs(model, blocks, windows, config.batch_size, placement)
+    finally:
+        move_outside_blocks(model, blocks, home)
+        blocks[0].to(home)
+
+
+def _prune_block(ctx: BlockContext, solving: Solving) -> tuple[list[LayerReport], BlockReconstruction | None]:
+    """Solve the block's targets and, with block reconstruction on, refit it."""
+    layers = solve_block(ctx.targets, lambda after_batch=None: ctx.replay(after_batch), solving)
+    if ctx.dense is None:
+        return layers, None
+    solving.status(f"block {ctx.index}: reconstruction")
+    return layers, reconstruct_block(ctx, layers, solving.config, solving.parallel)
+
+
+def _warn_non_finite(index: int, hidden: list[Tensor]) -> None:
+    if not all(bool(torch.isfinite(h).all()) for h in hidden):
+        logger.warning(
+            "block %d produced non-finite activations (fp16 overflow?); those tokens are left out of the "
+            "next Gram matrices: load the model in bfloat16 or float32",
+            index,
+        )
