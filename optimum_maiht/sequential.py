@@ -28,7 +28,7 @@ from .experts import ExpertGramRecorder, FusedExpertWeight, eager_experts, exper
 from .model_utils import find_decoder_blocks, weight_matrix
 from .reconstruction import holdout_batches, refit_block
 from .report import BlockReconstruction, KeptDense, LayerReport, layer_type
-from .solver import maiht_prune
+from .solvers import LayerSpec, maiht
 from .targets import BlockTargets, find_targets, kept_dense_weights
 
 logger = logging.getLogger(__name__)
@@ -732,12 +732,10 @@ def _solve(name: str, weight: Tensor, gram: Tensor, config: MAIHTConfig) -> Laye
         logger.warning("skipping %s: %s", name, reason)
         return LayerReport(name, shape, 0.0, 0.0, 0.0, 0, 0.0, skipped=reason)
     start = time.perf_counter()
-    result = maiht_prune(
+    result = maiht(
         weight.detach(),
         gram,
-        sparsity=config.sparsity,
-        nm=nm,
-        scope=config.scope,
+        LayerSpec(config.sparsity, nm, config.scope),
         iterations=config.iterations,
         refit_iterations=config.refit_iterations,
         ridge=config.ridge,
@@ -752,10 +750,10 @@ def _solve(name: str, weight: Tensor, gram: Tensor, config: MAIHTConfig) -> Laye
         "%s: sparsity %.3f, relative error %.4g -> %.4g (%.2fs)",
         name,
         sparsity,
-        result.error_init,
+        result.error_wanda,
         result.error,
         seconds,
     )
     return LayerReport(
-        name, shape, sparsity, result.error_init, result.error, result.iterations, seconds, result.history
+        name, shape, sparsity, result.error_wanda, result.error, result.iterations, seconds, result.history
     )

@@ -1,4 +1,4 @@
-"""The solver on layer problems: monotone objective, exact patterns, beats the baselines, exact refit."""
+"""mAIHT on layer problems: monotone objective, exact patterns, beats the baselines, exact refit."""
 
 from __future__ import annotations
 
@@ -8,15 +8,8 @@ from conftest import calibration_ids, make_tiny_model
 
 from optimum_maiht.model_utils import find_decoder_blocks
 from optimum_maiht.sequential import GramCollector
-from optimum_maiht.solver import (
-    column_scale,
-    lambda_max,
-    magnitude_prune,
-    maiht_prune,
-    project,
-    relative_output_error,
-    wanda_prune,
-)
+from optimum_maiht.solvers import LayerSpec, magnitude_prune, maiht, project, relative_output_error, wanda
+from optimum_maiht.solvers.maiht import column_scale, lambda_max
 
 SETTINGS = [  # (sparsity, nm, scope)
     (0.5, None, "row"),
@@ -68,7 +61,8 @@ def assert_pattern(weight: torch.Tensor, sparsity: float, nm, scope: str) -> Non
 @pytest.mark.parametrize("sparsity,nm,scope", SETTINGS)
 def test_monotone_exact_and_better_than_baselines(layer, sparsity, nm, scope):
     w, h = LAYERS[layer]()
-    result = maiht_prune(w, h, sparsity=sparsity, nm=nm, scope=scope, iterations=20, refit_iterations=30)
+    spec = LayerSpec(sparsity, nm, scope)
+    result = maiht(w, h, spec, iterations=20, refit_iterations=30)
 
     history = result.history
     assert len(history) == 1 + 20 + 30
@@ -82,16 +76,16 @@ def test_monotone_exact_and_better_than_baselines(layer, sparsity, nm, scope):
 
     err = relative_output_error(result.weight, w, h)
     assert err == pytest.approx(result.error, rel=1e-4)
-    wanda = relative_output_error(wanda_prune(w, h, sparsity, nm, scope), w, h)
-    magnitude = relative_output_error(magnitude_prune(w, sparsity, nm, scope), w, h)
-    assert result.error_init == pytest.approx(wanda, rel=1e-5), "the first projection is Wanda's mask"
-    assert err < 0.9 * wanda and err < 0.9 * magnitude
+    wanda_error = relative_output_error(wanda(w, h, spec).weight, w, h)
+    magnitude = relative_output_error(magnitude_prune(w, spec), w, h)
+    assert result.error_wanda == pytest.approx(wanda_error, rel=1e-5), "the first projection is Wanda's mask"
+    assert err < 0.9 * wanda_error and err < 0.9 * magnitude
 
 
 def test_refit_reaches_least_squares_optimum_on_the_support():
     w, h = synthetic_layer(out=8, din=24, tokens=500)
-    result = maiht_prune(w, h, sparsity=0.5, iterations=0, refit_iterations=40, ridge=0.0)
-    mask = project(w * column_scale(h, 0.0)[0], 0.5)  # the Wanda mask, unchanged without iterations
+    result = maiht(w, h, LayerSpec(0.5), iterations=0, refit_iterations=40, ridge=0.0)
+    mask = project(w * column_scale(h, 0.0)[0], LayerSpec(0.5))  # Wanda's mask, unchanged without iterations
     assert torch.equal(result.mask, mask)
     h64, w64 = h.double(), w.double()
     for i in range(w.shape[0]):
@@ -106,7 +100,7 @@ def test_step_is_safe_on_badly_scaled_and_ill_conditioned_problems():
     h = h * 1e8
     h[:, 5] = h[5, :] = h[:, 6] = h[6, :] = 0  # make two features identical-looking, plus scale
     h[5, 5] = h[6, 6] = 1e8
-    result = maiht_prune(w, h, sparsity=0.5, ridge=0.0)
+    result = maiht(w, h, LayerSpec(0.5), ridge=0.0)
     assert torch.isfinite(result.weight).all()
     assert all(b <= a for a, b in zip(result.history, result.history[1:], strict=False))
     _, g = column_scale(h, 0.0)
@@ -123,7 +117,7 @@ def test_dead_features_give_no_nan_and_are_pruned_first():
     w, h = synthetic_layer(out=16, din=64)
     h[:, :8] = 0
     h[:8, :] = 0
-    result = maiht_prune(w, h, sparsity=0.25, nm=None, scope="row")
+    result = maiht(w, h, LayerSpec(0.25))
     assert torch.isfinite(result.weight).all()
     assert (result.weight[:, :8] == 0).all(), "inputs that are always zero carry no signal: prune them"
 
@@ -131,37 +125,37 @@ def test_dead_features_give_no_nan_and_are_pruned_first():
 @pytest.mark.parametrize("scope", ["row", "layer"])
 def test_penalty_formulation_reaches_exact_sparsity_and_beats_wanda(scope):
     w, h = synthetic_layer()
-    result = maiht_prune(w, h, sparsity=0.6, scope=scope, formulation="penalty")
+    result = maiht(w, h, LayerSpec(0.6, scope=scope), formulation="penalty")
     assert len(result.history) == 1 + 20 + 1 + 30, "the final top-k adds one entry"
     assert_pattern(result.weight, 0.6, None, scope)
     assert torch.equal(result.mask, result.weight != 0)
-    assert result.error < relative_output_error(wanda_prune(w, h, 0.6, scope=scope), w, h)
+    assert result.error < wanda(w, h, LayerSpec(0.6, scope=scope)).error
 
 
 def test_projection_keeps_exact_count_with_ties():
     values = torch.ones(4, 8)
-    assert (project(values, 0.5).sum(1) == 4).all()
-    assert (project(values, 0.5, (2, 4)).reshape(4, 2, 4).sum(-1) == 2).all()
-    assert int(project(values, 0.25, scope="layer").sum()) == 24
+    assert (project(values, LayerSpec(0.5)).sum(1) == 4).all()
+    assert (project(values, LayerSpec(0.5, (2, 4))).reshape(4, 2, 4).sum(-1) == 2).all()
+    assert int(project(values, LayerSpec(0.25, scope="layer")).sum()) == 24
     with pytest.raises(ValueError, match="scope"):
-        project(values, 0.5, scope="column")
+        LayerSpec(0.5, scope="column")
     with pytest.raises(ValueError, match="not a multiple of M=4"):
-        project(torch.ones(2, 6), 0.5, (2, 4))
+        project(torch.ones(2, 6), LayerSpec(0.5, (2, 4)))
 
 
 def test_bad_shapes_and_options_are_rejected():
     w, h = synthetic_layer(out=4, din=8, tokens=64)
-    with pytest.raises(ValueError, match="hessian"):
-        maiht_prune(w, h[:4, :4], sparsity=0.5)
+    with pytest.raises(ValueError, match="gram"):
+        maiht(w, h[:4, :4], LayerSpec(0.5))
     with pytest.raises(ValueError, match="formulation"):
-        maiht_prune(w, h, sparsity=0.5, formulation="lasso")
+        maiht(w, h, LayerSpec(0.5), formulation="lasso")
     with pytest.raises(ValueError, match="unstructured"):
-        maiht_prune(w, h, sparsity=0.5, nm=(2, 4), formulation="penalty")
+        maiht(w, h, LayerSpec(0.5, (2, 4)), formulation="penalty")
 
 
 def test_half_precision_weights_come_back_in_their_dtype():
     w, h = synthetic_layer(out=16, din=32)
-    result = maiht_prune(w.to(torch.bfloat16), h, sparsity=0.5, nm=(2, 4))
+    result = maiht(w.to(torch.bfloat16), h, LayerSpec(0.5, (2, 4)))
     assert result.weight.dtype == torch.bfloat16
     assert_pattern(result.weight, 0.5, (2, 4), "row")
 
@@ -169,7 +163,7 @@ def test_half_precision_weights_come_back_in_their_dtype():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; CI has none")
 def test_cuda_matches_cpu():
     w, h = synthetic_layer()
-    cpu = maiht_prune(w, h, sparsity=0.5, nm=(2, 4))
-    gpu = maiht_prune(w.cuda(), h.cuda(), sparsity=0.5, nm=(2, 4))
+    cpu = maiht(w, h, LayerSpec(0.5, (2, 4)))
+    gpu = maiht(w.cuda(), h.cuda(), LayerSpec(0.5, (2, 4)))
     assert gpu.weight.is_cuda
     assert gpu.error == pytest.approx(cpu.error, rel=1e-2)
