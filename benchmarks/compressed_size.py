@@ -34,14 +34,14 @@ PATTERNS = {"50% unstructured": None, "2:4": (2, 4)}
 def sparsify(model: Any, nm: tuple[int, int] | None) -> dict[str, tuple[int, int] | None]:
     """Magnitude-prune every linear layer of the decoder blocks to 50%; the ``sparse_layers`` mapping."""
     from optimum_maiht.model_utils import find_decoder_blocks
-    from optimum_maiht.solver import magnitude_prune
+    from optimum_maiht.solvers import LayerSpec, magnitude_prune
 
     blocks_name, blocks = find_decoder_blocks(model)
     layers = {}
     with torch.no_grad():
         for name, module in blocks.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(magnitude_prune(module.weight, 0.5, nm, scope="row"))
+                module.weight.copy_(magnitude_prune(module.weight, LayerSpec(0.5, nm)))
                 layers[f"{blocks_name}.{name}.weight"] = nm
     return layers
 

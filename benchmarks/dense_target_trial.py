@@ -44,7 +44,7 @@ from torch import nn
 from optimum_maiht.evaluation import perplexity
 from optimum_maiht.reconstruction import token_errors
 from optimum_maiht.sequential import capture_block_inputs
-from optimum_maiht.solver import maiht_prune
+from optimum_maiht.solvers import LayerSpec, maiht
 
 RESULTS = RESULTS_DIR / "dense_target_trial.json"
 
@@ -121,9 +121,7 @@ def run(mode: str, setting: str, damp: float, weighted: bool) -> dict:
             weight = layer.weight.float()
             if mode == "dense":
                 weight = dense_target(weight, grams[name], cross[name], damp)
-            result = maiht_prune(
-                weight, grams[name], sparsity=sparsity, nm=nm, iterations=5, refit_iterations=5
-            )
+            result = maiht(weight, grams[name], LayerSpec(sparsity, nm), iterations=5, refit_iterations=5)
             layer.weight.copy_(result.weight)
         hidden = [call.run(block, h) for call, h in zip(calls[i], hidden, strict=True)]
         dense = [call.run(dense_blocks[i], d) for call, d in zip(calls[i], dense, strict=True)]

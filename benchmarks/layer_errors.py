@@ -71,13 +71,13 @@ def prune_all(
     weight: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
 ) -> dict[str, tuple[torch.Tensor, float]]:
     """Each method's pruned weight and its seconds."""
-    from optimum_maiht.solver import magnitude_prune, maiht_prune, wanda_prune
+    from optimum_maiht.solvers import LayerSpec, magnitude_prune, maiht, wanda
 
     runs = {
-        "magnitude": lambda: magnitude_prune(weight, sparsity, nm, scope="layer"),
-        "wanda": lambda: wanda_prune(weight, gram, sparsity, nm, scope="row"),
+        "magnitude": lambda: magnitude_prune(weight, LayerSpec(sparsity, nm, "layer")),
+        "wanda": lambda: wanda(weight, gram, LayerSpec(sparsity, nm)).weight,
         "sparsegpt": lambda: sparsegpt_prune(weight, gram, sparsity, nm),
-        "maiht": lambda: maiht_prune(weight, gram, sparsity=sparsity, nm=nm).weight,
+        "maiht": lambda: maiht(weight, gram, LayerSpec(sparsity, nm)).weight,
     }
     out = {}
     for method, run in runs.items():
@@ -103,7 +103,7 @@ def render_markdown(record: dict[str, Any]) -> str:
         "weights over the whole layer (the classic baseline), Wanda per output row; SparseGPT is **our "
         "reimplementation** from the paper "
         "(`benchmarks/sparsegpt_reference.py`: blocksize 128, 1% dampening, adaptive mask per 128-column "
-        "block), not llm-compressor's; mAIHT is `optimum_maiht.solver.maiht_prune` at its defaults.",
+        "block), not llm-compressor's; mAIHT is `optimum_maiht.solvers.maiht` at its defaults.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -163,7 +163,7 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 
-    from optimum_maiht.solver import relative_output_error
+    from optimum_maiht.solvers import relative_output_error
 
     model, tokenizer, path = load_demo()
     ids = calibration_ids(tokenizer, seed=args.seed)

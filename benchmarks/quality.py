@@ -116,7 +116,7 @@ def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> di
     """Keep the largest |W| of every target linear in the decoder blocks (per layer; N:M per group)."""
     from optimum_maiht.configuration import MAIHTConfig
     from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
-    from optimum_maiht.solver import magnitude_prune
+    from optimum_maiht.solvers import LayerSpec, magnitude_prune
     from optimum_maiht.targets import find_targets
 
     config = MAIHTConfig(sparsity=sparsity if pattern == "unstructured" else None, pattern=pattern)
@@ -125,7 +125,7 @@ def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> di
         for targets in find_targets(model, blocks_name, blocks, config):
             for layer in targets.linears.values():
                 weight = weight_matrix(layer)
-                weight.copy_(magnitude_prune(weight, sparsity, config.nm, scope="layer"))
+                weight.copy_(magnitude_prune(weight, LayerSpec(sparsity, config.nm, "layer")))
     return {"scope": "layer"}
 
 
@@ -164,15 +164,15 @@ def prune_llmc(
     return {"modifier": modifier.model_dump(mode="json", exclude_none=True)}
 
 
-def sparsegpt_solver(weight: torch.Tensor, gram: torch.Tensor, **kwargs: Any) -> Any:
-    """Our reference SparseGPT with ``maiht_prune``'s signature and result (errors, no iterations)."""
+def sparsegpt_solver(weight: torch.Tensor, gram: torch.Tensor, spec: Any, **kwargs: Any) -> Any:
+    """Our reference SparseGPT with ``maiht``'s signature and result (errors, no iterations)."""
     from sparsegpt_reference import sparsegpt_prune
 
-    from optimum_maiht.solver import SolverResult, relative_output_error
+    from optimum_maiht.solvers import SolverResult, relative_output_error, wanda
 
-    pruned = sparsegpt_prune(weight, gram, kwargs["sparsity"], kwargs["nm"])
+    pruned = sparsegpt_prune(weight, gram, spec.sparsity, spec.nm)
     error = relative_output_error(pruned, weight, gram)
-    return SolverResult(weight=pruned, mask=pruned != 0, error_init=error, error=error)
+    return SolverResult(pruned, pruned != 0, error, wanda(weight, gram, spec).error)
 
 
 @contextlib.contextmanager
@@ -183,7 +183,7 @@ def solver_swapped(solver: Any):
         return
     from unittest import mock
 
-    with mock.patch("optimum_maiht.sequential.maiht_prune", solver):
+    with mock.patch("optimum_maiht.sequential.maiht", solver):
         yield
 
 

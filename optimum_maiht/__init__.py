@@ -15,18 +15,20 @@ _LAZY = {
     "MAIHTConfig": ".configuration",
     "MAIHTPruner": ".pruner",
     "MAIHTModelForCausalLM": ".modeling",
-    "SolverResult": ".solver",
-    "maiht_prune": ".solver",
+    "LayerSpec": ".solvers",
+    "SolverResult": ".solvers",
+    "make_solver": ".solvers",
     "push_to_hub": ".hub",
     "enable_2of4_kernels": ".kernels",
 }
 __all__ = [
+    "LayerSpec",
     "MAIHTConfig",
     "MAIHTModelForCausalLM",
     "MAIHTPruner",
     "SolverResult",
     "enable_2of4_kernels",
-    "maiht_prune",
+    "make_solver",
     "push_to_hub",
     "__version__",
 ]
@@ -37,7 +39,7 @@ if TYPE_CHECKING:
     from .kernels import enable_2of4_kernels
     from .modeling import MAIHTModelForCausalLM
     from .pruner import MAIHTPruner
-    from .solver import SolverResult, maiht_prune
+    from .solvers import LayerSpec, SolverResult, make_solver
 
 
 def __getattr__(name: str) -> Any:

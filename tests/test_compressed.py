@@ -197,7 +197,7 @@ def saved(tmp_path):
 def saved_2of4(tmp_path):
     """A checkpoint whose decoder blocks are magnitude-pruned to 2:4 (fast: no mAIHT)."""
     from optimum_maiht.model_utils import find_decoder_blocks
-    from optimum_maiht.solver import magnitude_prune
+    from optimum_maiht.solvers import LayerSpec, magnitude_prune
 
     model = make_tiny_model("llama")
     blocks_name, blocks = find_decoder_blocks(model)
@@ -205,7 +205,7 @@ def saved_2of4(tmp_path):
     with torch.no_grad():
         for name, module in blocks.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(magnitude_prune(module.weight, 0.5, (2, 4)))
+                module.weight.copy_(magnitude_prune(module.weight, LayerSpec(0.5, (2, 4))))
                 layers[f"{blocks_name}.{name}.weight"] = (2, 4)
     save_compressed(model, tmp_path, layers)
     return tmp_path, json.loads((tmp_path / COMPRESSED_INDEX_NAME).read_text())

@@ -10,7 +10,9 @@ from conftest import calibration_ids, make_tiny_model
 
 from optimum_maiht.kernels import enable_2of4_kernels, not_2of4_reason
 from optimum_maiht.model_utils import find_decoder_blocks, is_conv1d, weight_matrix
-from optimum_maiht.solver import magnitude_prune
+from optimum_maiht.solvers import LayerSpec, magnitude_prune
+
+TWO_FOUR = LayerSpec(0.5, (2, 4))
 
 
 def prune_blocks_2of4(model) -> list[str]:
@@ -21,7 +23,7 @@ def prune_blocks_2of4(model) -> list[str]:
         for name, module in blocks.named_modules():
             if isinstance(module, torch.nn.Linear) or is_conv1d(module):
                 weight = weight_matrix(module)
-                weight.copy_(magnitude_prune(weight, 0.5, (2, 4)))
+                weight.copy_(magnitude_prune(weight, TWO_FOUR))
                 names.append(f"{blocks_name}.{name}")
     return names
 
@@ -60,7 +62,7 @@ def test_conv1d_and_tied_layers_stay_dense_with_their_reason():
     model = make_tiny_model("gpt2", dtype=torch.float16)
     pruned = prune_blocks_2of4(model)
     with torch.no_grad():  # lm_head is tied to the embedding: make it 2:4 too
-        model.transformer.wte.weight.copy_(magnitude_prune(model.transformer.wte.weight, 0.5, (2, 4)))
+        model.transformer.wte.weight.copy_(magnitude_prune(model.transformer.wte.weight, TWO_FOUR))
     skipped = enable_2of4_kernels(model)["skipped"]
     assert all("Conv1D" in skipped[name] for name in pruned)
     assert "tied" in skipped["lm_head"]

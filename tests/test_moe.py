@@ -16,7 +16,7 @@ from optimum_maiht import MAIHTConfig, MAIHTModelForCausalLM, MAIHTPruner
 from optimum_maiht.experts import ExpertGramRecorder, eager_experts, expert_groups, find_fused_experts
 from optimum_maiht.model_card import render_model_card
 from optimum_maiht.model_utils import find_decoder_blocks
-from optimum_maiht.solver import relative_output_error
+from optimum_maiht.solvers import relative_output_error
 
 SMALL = dict(num_samples=8, sequence_length=32, batch_size=4, iterations=4, refit_iterations=4)
 

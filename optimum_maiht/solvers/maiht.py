@@ -9,14 +9,14 @@ We work in the column-scaled space ``V = W * d`` with ``d = sqrt(diag H)``, so `
 and the first projection reproduces Wanda's mask; ``G = H / (d d^T) + ridge * I`` keeps the problem
 well-posed.
 
-Iteration (docs/design.md, "The mAIHT iteration"): :func:`maiht_prune` runs four named steps,
+Iteration (docs/design.md, "The mAIHT iteration"): :func:`maiht` runs four named steps,
 
 1. scale the problem and pick a safe step size (:class:`_LayerProblem`);
-2. start from the Wanda mask and run the monotone accelerated proximal gradient of Li & Lin (2015)
-   (:func:`_accelerated_iht`, one step is :func:`_li_lin_step`); its prox is the sparsity operator, the
-   hard-thresholding projection (:class:`_Constraint`) or the l0-penalty threshold with its adaptive
-   lambda (:class:`_Penalty`); the monotone choice is made per row whenever the sparsity set is
-   row-separable (:func:`_monotone_choice`);
+2. start from the Wanda mask (or a given feasible ``start``) and run the monotone accelerated proximal
+   gradient of Li & Lin (2015) (:func:`_accelerated_iht`, one step is :func:`_li_lin_step`); its prox is
+   the sparsity operator, the hard-thresholding projection (:class:`_Constraint`) or the l0-penalty
+   threshold with its adaptive lambda (:class:`_Penalty`); the monotone choice is made per row whenever
+   the sparsity set is row-separable (:func:`_monotone_choice`);
 3. fix the exact-size final mask (:meth:`_Constraint.finish`);
 4. refit the kept weights by conjugate gradient on that support (:func:`_refit`).
 
@@ -25,92 +25,165 @@ Every step can only lower the (ridge-regularised) objective, and its history is 
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "SolverResult",
-    "maiht_prune",
-    "magnitude_prune",
-    "project",
-    "wanda_prune",
-    "column_scale",
-    "relative_output_error",
-    "lambda_max",
-]
+from .common import (
+    LayerSpec,
+    SolverResult,
+    check_options,
+    check_problem,
+    feature_norms,
+    keep,
+    project,
+    relative_output_error,
+    scored_result,
+)
+
+__all__ = ["maiht", "column_scale", "lambda_max"]
+
+logger = logging.getLogger(__name__)
 
 
-@dataclass
-class SolverResult:
-    """What :func:`maiht_prune` returns."""
+def maiht(
+    weight: Tensor,
+    gram: Tensor,
+    spec: LayerSpec,
+    *,
+    iterations: int = 20,
+    refit_iterations: int = 30,
+    ridge: float = 0.01,
+    formulation: str = "constraint",
+    seed: int = 0,
+    start: Tensor | None = None,
+) -> SolverResult:
+    """Prune one linear layer with mAIHT and refit the kept weights.
 
-    weight: Tensor
-    """The pruned weight, same shape, dtype and device as the input; pruned entries are exact zeros."""
-    mask: Tensor
-    """Boolean mask of the kept entries (exactly the requested count or N:M pattern)."""
-    history: list[float] = field(default_factory=list)
-    """Objective after the initial (Wanda) projection, after each iteration and after each refit step."""
-    error_init: float = float("nan")
-    """Relative output error ``||X(W-W0)^T||^2 / ||X W0^T||^2`` of the initial (Wanda) mask, no refit."""
-    error: float = float("nan")
-    """Relative output error of the returned weight."""
-    iterations: int = 0
-    refit_iterations: int = 0
-    step_size: float = float("nan")
+    Args:
+        weight: ``(out, in)`` weight (any float dtype; computed in float32 on its device).
+        gram: ``(in, in)`` Gram matrix ``X^T X`` of the layer's inputs.
+        spec: the sparsity asked for.
+        iterations: accelerated hard-thresholding iterations.
+        refit_iterations: conjugate-gradient steps on the fixed support.
+        ridge: added to the unit diagonal of the scaled Gram matrix.
+        formulation: ``"constraint"`` (project onto the sparsity set each step) or ``"penalty"``
+            (the paper's l0-penalty form: threshold at ``sqrt(2 lam step)`` with ``lam`` adapted toward the
+            target density, then an exact top-k fixes the mask; unstructured only).
+        seed: seeds the power iteration that estimates the step size.
+        start: a feasible ``(out, in)`` weight (e.g. another solver's result) to start from instead of
+            Wanda's projection of ``weight``.
 
-
-# --------------------------------------------------------------------------------------------------
-# projections onto the sparsity set
-
-
-def _topk_mask(scores: Tensor, k: int, dim: int) -> Tensor:
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(dim, scores.topk(k, dim=dim, sorted=False).indices, True)
-    return mask
-
-
-def project(values: Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row") -> Tensor:
-    """Mask of the entries the hard-thresholding projection keeps (largest ``|values|``).
-
-    ``nm=(N, M)`` keeps N of every M consecutive entries of a row; otherwise unstructured, comparing
-    entries within each row (``scope="row"``, Wanda's group) or over the whole matrix (``scope="layer"``).
-    Ties are broken by ``topk``, so the kept count is always exact.
+    The returned error is never above the start's (Wanda's mask, or ``start`` in ``weight``'s dtype).
     """
-    scores = values.abs()
-    rows, cols = scores.shape
-    if nm is not None:
-        n, m = nm
-        if cols % m:
-            raise ValueError(f"input dimension {cols} is not a multiple of M={m} for the {n}:{m} pattern")
-        return _topk_mask(scores.reshape(rows, cols // m, m), n, dim=2).reshape(rows, cols)
-    if scope == "row":
-        return _topk_mask(scores, cols - round(sparsity * cols), dim=1)
-    if scope == "layer":
-        return _topk_mask(scores.reshape(-1), scores.numel() - round(sparsity * scores.numel()), 0).view_as(
-            scores
+    _check_arguments(weight, gram, spec, iterations, refit_iterations, ridge, formulation, seed)
+    w0 = weight.detach().float()
+    h = gram.to(weight.device)
+    start_weight = None if start is None else _feasible_start(start, weight, spec)
+
+    # 1. the column-scaled problem and its step size
+    problem = _LayerProblem.build(w0, h, ridge, seed)
+    sparse = _Penalty.start(spec, problem) if formulation == "penalty" else _Constraint(spec)
+
+    # 2. mAIHT from the Wanda mask (|V| is the Wanda score, so the first projection is Wanda) or the start
+    wanda = project(problem.v0, spec)
+    x0 = keep(problem.v0, wanda) if start_weight is None else start_weight.float() * problem.d
+    point, history = _accelerated_iht(problem, sparse, x0, iterations)
+
+    # 3. the exact-size final mask, 4. the refit on it
+    mask, point = sparse.finish(problem, point, history)
+    x = _refit(problem, point, mask, refit_iterations, history)
+
+    w = keep(x / problem.d, mask).to(weight.dtype)
+    if not torch.isfinite(w).all():
+        raise FloatingPointError("mAIHT produced non-finite weights; check the calibration activations")
+    result = scored_result(
+        w0,
+        h,
+        spec,
+        w,
+        mask,
+        wanda=wanda,
+        history=history,
+        iterations=iterations,
+        refit_iterations=refit_iterations,
+        step_size=problem.step,
+    )
+    if start_weight is None:
+        return _no_worse_than_start(result, keep(weight.detach(), wanda), result.error_wanda, spec)
+    return _no_worse_than_start(result, start_weight, relative_output_error(start_weight, w0, h), spec)
+
+
+def _check_arguments(
+    weight: Tensor,
+    gram: Tensor,
+    spec: LayerSpec,
+    iterations: int,
+    refit_iterations: int,
+    ridge: float,
+    formulation: str,
+    seed: int,
+) -> None:
+    """The checks every solver makes, plus mAIHT's own: the penalty form is for unstructured sparsity."""
+    check_problem(weight, gram, spec)
+    check_options(
+        iterations=iterations,
+        refit_iterations=refit_iterations,
+        ridge=ridge,
+        formulation=formulation,
+        seed=seed,
+    )
+    if formulation == "penalty" and spec.nm is not None:
+        raise ValueError("formulation='penalty' applies to unstructured sparsity only (spec.nm is set)")
+
+
+def _feasible_start(start: Tensor, weight: Tensor, spec: LayerSpec) -> Tensor:
+    """``start`` in ``weight``'s dtype and device, checked to be a finite point of the sparsity set."""
+    if start.shape != weight.shape:
+        raise ValueError(
+            f"start must have the weight's shape {tuple(weight.shape)}, not {tuple(start.shape)}"
         )
-    raise ValueError(f"scope must be 'row' or 'layer', got {scope!r}")
+    start = start.detach().to(weight.device, weight.dtype)
+    if not torch.isfinite(start).all():
+        raise ValueError("start must be finite")
+    if ((start != 0) & ~project(start, spec)).any():
+        raise ValueError(
+            f"start is not in the sparsity set of {spec}: it has too many nonzeros in some group"
+        )
+    return start
+
+
+def _no_worse_than_start(
+    result: SolverResult, start: Tensor, start_error: float, spec: LayerSpec
+) -> SolverResult:
+    """``result``, or the start point itself if the result's output error is higher than the start's.
+
+    The iteration is monotone in the ridge-regularised objective, not in the output error, and the result is
+    rounded to the weight's dtype; this guard makes "never worse than the start" hold by construction.
+    """
+    if result.error <= start_error:
+        return result
+    logger.info(
+        "mAIHT's error %.4g is above its start's %.4g: returning the start", result.error, start_error
+    )
+    mask = project(start, spec)
+    return dataclasses.replace(result, weight=keep(start, mask), mask=mask, error=start_error)
 
 
 # --------------------------------------------------------------------------------------------------
-# scaling, step size, objective
+# scaling and step size
 
 
-def column_scale(hessian: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
-    """Return ``d`` and ``G = H / (d d^T) + ridge * I`` (float32).
-
-    Dead features (``H_jj = 0``) get a tiny positive ``d_j`` instead of a division by zero, so their
-    weights score lowest and are pruned first, and nothing becomes NaN.
-    """
-    h = hessian.float()
-    d = torch.diagonal(h).clamp_min(0).sqrt()
-    floor = max(float(d.max()) * 1e-6, 1e-12) if d.numel() else 1e-12
-    d = d.clamp_min(floor)
+def column_scale(gram: Tensor, ridge: float) -> tuple[Tensor, Tensor]:
+    """Return ``d = sqrt(diag H)`` (floored, :func:`feature_norms`) and ``G = H / (d d^T) + ridge * I``
+    (float32)."""
+    h = gram.float()
+    d = feature_norms(h)
     g = h / d[:, None] / d[None, :]
     g.diagonal().add_(ridge)
     return d, g
@@ -135,120 +208,6 @@ def lambda_max(g: Tensor, iterations: int = 50, seed: int = 0) -> float:
 def _row_objective(e: Tensor, eg: Tensor) -> Tensor:
     """Per-row ``1/2 e G e^T`` given ``e`` and ``e @ G``."""
     return 0.5 * torch.linalg.vecdot(e, eg, dim=1)
-
-
-def _keep(values: Tensor, mask: Tensor) -> Tensor:
-    """``values`` where ``mask``, else +0.0 (a product with the mask would leave -0.0 behind)."""
-    return torch.where(mask, values, 0.0)
-
-
-def relative_output_error(weight: Tensor, weight0: Tensor, hessian: Tensor) -> float:
-    """``tr((W-W0) H (W-W0)^T) / tr(W0 H W0^T)``: the share of the layer's output energy lost."""
-    h = hessian.float()
-    e = (weight.float() - weight0.float()).to(h.device)
-    w0 = weight0.float().to(h.device)
-    den = float((w0 @ h * w0).sum())
-    return float((e @ h * e).sum()) / den if den > 0 else 0.0
-
-
-# --------------------------------------------------------------------------------------------------
-# baselines (also used by the tests and the benchmarks)
-
-
-def magnitude_prune(
-    weight: Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
-) -> Tensor:
-    """Keep the largest ``|W|``: the classic magnitude baseline."""
-    return _keep(weight, project(weight.float(), sparsity, nm, scope))
-
-
-def wanda_prune(
-    weight: Tensor, hessian: Tensor, sparsity: float, nm: tuple[int, int] | None = None, scope: str = "row"
-) -> Tensor:
-    """Keep the largest ``|W_ij| * ||X_j||`` (Wanda, Sun et al. 2023), no weight update."""
-    d, _ = column_scale(hessian.to(weight.device), 0.0)
-    return _keep(weight, project(weight.float() * d, sparsity, nm, scope))
-
-
-# --------------------------------------------------------------------------------------------------
-# the solver
-
-
-def maiht_prune(
-    weight: Tensor,
-    hessian: Tensor,
-    *,
-    sparsity: float,
-    nm: tuple[int, int] | None = None,
-    scope: str = "row",
-    iterations: int = 20,
-    refit_iterations: int = 30,
-    ridge: float = 0.01,
-    formulation: str = "constraint",
-    seed: int = 0,
-) -> SolverResult:
-    """Prune one linear layer with mAIHT and refit the kept weights.
-
-    Args:
-        weight: ``(out, in)`` weight (any float dtype; computed in float32 on its device).
-        hessian: ``(in, in)`` Gram matrix ``X^T X`` of the layer's inputs.
-        sparsity: fraction of weights set to zero (for N:M it must equal ``1 - N/M``).
-        nm: ``(N, M)`` for an N:M pattern, ``None`` for unstructured.
-        scope: unstructured comparison group, ``"row"`` (per output channel) or ``"layer"``.
-        iterations: accelerated hard-thresholding iterations.
-        refit_iterations: conjugate-gradient steps on the fixed support.
-        ridge: added to the unit diagonal of the scaled Gram matrix.
-        formulation: ``"constraint"`` (project onto the sparsity set each step) or ``"penalty"``
-            (the paper's l0-penalty form: threshold at ``sqrt(2 lam step)`` with ``lam`` adapted toward the
-            target density, then an exact top-k fixes the mask; unstructured only).
-        seed: seeds the power iteration that estimates the step size.
-    """
-    _check_arguments(weight, hessian, nm, formulation)
-    w0 = weight.detach().float()
-    h = hessian.to(weight.device)
-
-    # 1. the column-scaled problem and its step size
-    problem = _LayerProblem.build(w0, h, ridge, seed)
-    sparse: _Constraint
-    if formulation == "penalty":
-        sparse = _Penalty.start(sparsity, scope, problem)
-    else:
-        sparse = _Constraint(sparsity, nm, scope)
-
-    # 2. mAIHT from the Wanda mask (|V| is the Wanda score, so the first projection is Wanda)
-    wanda_mask = project(problem.v0, sparsity, nm, scope)
-    point, history = _accelerated_iht(problem, sparse, _keep(problem.v0, wanda_mask), iterations)
-
-    # 3. the exact-size final mask, 4. the refit on it
-    mask, point = sparse.finish(problem, point, history)
-    x = _refit(problem, point, mask, refit_iterations, history)
-
-    w = _keep(x / problem.d, mask).to(weight.dtype)
-    if not torch.isfinite(w).all():
-        raise FloatingPointError("mAIHT produced non-finite weights; check the calibration activations")
-    return SolverResult(
-        weight=w,
-        mask=mask,
-        history=history,
-        error_init=relative_output_error(_keep(w0, wanda_mask), w0, h),
-        error=relative_output_error(w.float(), w0, h),
-        iterations=iterations,
-        refit_iterations=refit_iterations,
-        step_size=problem.step,
-    )
-
-
-def _check_arguments(weight: Tensor, hessian: Tensor, nm: tuple[int, int] | None, formulation: str) -> None:
-    """Reject shapes and options the solver cannot handle, before any work."""
-    if weight.dim() != 2 or hessian.shape != (weight.shape[1], weight.shape[1]):
-        raise ValueError(
-            f"weight must be (out, in) and hessian (in, in); got {tuple(weight.shape)} and "
-            f"{tuple(hessian.shape)}"
-        )
-    if formulation not in ("constraint", "penalty"):
-        raise ValueError(f"formulation must be 'constraint' or 'penalty', got {formulation!r}")
-    if formulation == "penalty" and nm is not None:
-        raise ValueError("formulation='penalty' applies to unstructured sparsity only")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -304,17 +263,15 @@ class _LayerProblem:
 class _Constraint:
     """Constraint form: the prox is the hard-thresholding projection onto the sparsity set."""
 
-    sparsity: float
-    nm: tuple[int, int] | None
-    scope: str
+    spec: LayerSpec
 
     @property
     def row_separable(self) -> bool:
         """Whether the sparsity set is a product of per-row sets (then the monotone choice is per row)."""
-        return self.nm is not None or self.scope == "row"
+        return self.spec.nm is not None or self.spec.scope == "row"
 
     def prox(self, u: Tensor) -> Tensor:
-        return _keep(u, project(u, self.sparsity, self.nm, self.scope))
+        return keep(u, project(u, self.spec))
 
     def penalised(self, f: Tensor, x: Tensor) -> Tensor:
         """The per-row objective the monotone choice compares."""
@@ -329,7 +286,7 @@ class _Constraint:
         In the constraint form ``x`` is feasible, so this keeps all its nonzeros (filling up with zeros where
         a kept weight happens to be exactly zero) and leaves the iterate and ``history`` as they are.
         """
-        return project(point.x, self.sparsity, self.nm, self.scope), point
+        return project(point.x, self.spec), point
 
 
 @dataclass
@@ -341,24 +298,24 @@ class _Penalty(_Constraint):
     step: float
 
     @classmethod
-    def start(cls, sparsity: float, scope: str, problem: _LayerProblem) -> _Penalty:
+    def start(cls, spec: LayerSpec, problem: _LayerProblem) -> _Penalty:
         """Start with the threshold that the first prox would give the target sparsity on ``V0``."""
         v0 = problem.v0
-        thr = float(v0.abs().flatten().kthvalue(max(1, round(sparsity * v0.numel()))).values)
-        return cls(sparsity, None, scope, lam=thr * thr / (2 * problem.step), step=problem.step)
+        thr = float(v0.abs().flatten().kthvalue(max(1, round(spec.sparsity * v0.numel()))).values)
+        return cls(spec, lam=thr * thr / (2 * problem.step), step=problem.step)
 
     @property
     def row_separable(self) -> bool:
         return True  # the penalty is a sum over entries
 
     def prox(self, u: Tensor) -> Tensor:
-        return _keep(u, u.abs() > math.sqrt(2 * self.lam * self.step))
+        return keep(u, u.abs() > math.sqrt(2 * self.lam * self.step))
 
     def penalised(self, f: Tensor, x: Tensor) -> Tensor:
         return f + self.lam * (x != 0).sum(dim=1)
 
     def adapt(self, x: Tensor) -> None:
-        keep_target = 1.0 - self.sparsity
+        keep_target = 1.0 - self.spec.sparsity
         density = float((x != 0).float().mean())
         self.lam *= math.exp(2.0 * (density - keep_target) / keep_target)
 
@@ -366,7 +323,7 @@ class _Penalty(_Constraint):
         """The penalty only approximates the count: an exact top-k fixes the mask, the iterate is cut to
         it and its objective appended to ``history``."""
         mask, _ = super().finish(problem, point, history)
-        point = problem.evaluate(_keep(point.x, mask))
+        point = problem.evaluate(keep(point.x, mask))
         history.append(_total(point.f))
         return mask, point
 
@@ -469,7 +426,7 @@ def _refit(problem: _LayerProblem, point: _Point, mask: Tensor, steps: int, hist
         best_x = torch.where(better[:, None], x, best_x)
         best_f = torch.where(better, f, best_f)
         history.append(_total(best_f))
-    return _keep(best_x, mask)
+    return keep(best_x, mask)
 
 
 def _total(row_objective: Tensor) -> float:
