@@ -123,7 +123,9 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--work", default=None, help="folder for the checkpoint (default: a new one in /tmp)")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the .md from the saved .json, measuring nothing"

@@ -52,11 +52,17 @@ _MATMUL = {torch.matmul, torch.Tensor.matmul}  # ``x @ w`` arrives as Tensor.mat
 
 @dataclass(frozen=True, eq=False)
 class FusedExpertWeight:
-    """One fused expert parameter ``(num_experts, a, b)`` and the module that owns it."""
+    """One fused expert parameter ``(num_experts, a, b)``: its full name, the module that owns it and the
+    attribute that holds it there."""
 
     name: str
     module: nn.Module
-    param: nn.Parameter
+    attr: str
+
+    @property
+    def param(self) -> nn.Parameter:
+        """The parameter the module holds now (a streamed run gives a block new tensors when it loads it)."""
+        return self.module._parameters[self.attr]
 
     @property
     def num_experts(self) -> int:
@@ -70,7 +76,7 @@ def find_fused_experts(module: nn.Module, prefix: str = "") -> list[FusedExpertW
         for param_name, param in owner.named_parameters(recurse=False):
             if param.dim() == 3 and param.is_floating_point():
                 name = f"{prefix}{owner_name}.{param_name}" if owner_name else prefix + param_name
-                found.append(FusedExpertWeight(name, owner, param))
+                found.append(FusedExpertWeight(name, owner, param_name))
     return found
 
 

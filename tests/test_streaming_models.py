@@ -50,7 +50,7 @@ def assert_expert_pattern(folder: Path, pattern: str) -> None:
     for weight in fused:
         for e in range(weight.num_experts):
             slice_ = weight.param[e]
-            view = slice_.t() if "gpt_oss" in type(model).__name__.lower() else slice_  # (in, out) storage
+            view = slice_.t() if type(model).__name__.startswith("GptOss") else slice_  # (in, out) storage
             if pattern == "2:4":
                 groups = (view.reshape(view.shape[0], -1, 4) != 0).sum(-1)
                 assert int(groups.max()) <= 2, (weight.name, e)
@@ -59,7 +59,9 @@ def assert_expert_pattern(folder: Path, pattern: str) -> None:
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "gpt_oss", "gpt_neox"])
-def test_fused_experts_and_renamed_checkpoints_stream_like_the_in_memory_run(tmp_path: Path, family: str) -> None:
+def test_fused_experts_and_renamed_checkpoints_stream_like_the_in_memory_run(
+    tmp_path: Path, family: str
+) -> None:
     source = checkpoint(tmp_path / "src", family)
     pattern = "2:4" if family in ("mixtral", "gpt_oss") else "unstructured"
     both_ways(source, tmp_path, run_config(pattern=pattern, min_expert_tokens=0))
@@ -122,7 +124,9 @@ def test_a_mismatched_tensor_stops_the_run_naming_it_and_writes_nothing(
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", MOE_FAMILIES + ARCHITECTURES)
-def test_optimum_cli_streams_every_family(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str) -> None:
+def test_optimum_cli_streams_every_family(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, family: str
+) -> None:
     """``optimum-cli maiht prune`` streams (its default) every family the pipeline supports, to the target
     pattern on every expert slice, and the folder loads to the in-memory run's tensors."""
     from test_cli import run_cli
@@ -130,11 +134,23 @@ def test_optimum_cli_streams_every_family(tmp_path: Path, monkeypatch: pytest.Mo
     source = checkpoint(tmp_path / "src", family)
     (tmp_path / "calib.txt").write_text("The quick brown fox jumps over the lazy dog. " * 200)
     common = ["--model", str(source), "--dataset", str(tmp_path / "calib.txt"), "--pattern", "2:4"]
-    common += ["--num-samples", "4", "--sequence-length", "32", "--iterations", "2", "--refit-iterations", "2"]
+    common += [
+        "--num-samples",
+        "4",
+        "--sequence-length",
+        "32",
+        "--iterations",
+        "2",
+        "--refit-iterations",
+        "2",
+    ]
     common += ["--min-expert-tokens", "0"]
     assert run_cli(monkeypatch, "maiht", "prune", *common, "--output", str(tmp_path / "streamed")) == 0
     assert not partial_folder(tmp_path / "streamed").exists()
-    assert run_cli(monkeypatch, "maiht", "prune", *common, "--output", str(tmp_path / "memory"), "--no-stream") == 0
+    assert (
+        run_cli(monkeypatch, "maiht", "prune", *common, "--output", str(tmp_path / "memory"), "--no-stream")
+        == 0
+    )
     streamed = AutoModelForCausalLM.from_pretrained(tmp_path / "streamed").state_dict()
     memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
     assert streamed.keys() == memory.keys()
