@@ -16,7 +16,7 @@ per-layer errors are compared.
 On paper: per decoder block, the forward flops (2 passes: the Gram pass and the propagation pass,
 ``2 * tokens * params`` each plus attention), the Gram accumulation (``2 * tokens * in^2`` per distinct
 input, fp32), the solves (``SOLVE_PRODUCTS`` products ``(out x in) @ (in x in)`` per matrix, fp32,
-spread over the ranks by ``optimum_maiht.distributed.plan_solves``: the time is the most loaded rank's),
+spread over the ranks by ``optimum_maiht.pipeline.solve.plan_solves``: the time is the most loaded rank's),
 the Gram all-reduce (ring: ``2 (W-1)/W`` times the Gram bytes through each GPU) and the weight broadcasts
 (each GPU receives the ``(W-1)/W`` of the block's bf16 weights it did not solve).
 """
@@ -47,6 +47,10 @@ from bench_common import (
     versions,
 )
 
+from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.distributed import is_main_process
+from optimum_maiht.pipeline.solve import plan_solves
+
 CALIB_SAMPLES, CALIB_LENGTH, EVAL_WINDOWS = 16, 256, 16
 
 SOLVE_PRODUCTS = 75
@@ -71,8 +75,6 @@ GPUS = (1, 4, 8)
 
 def on_paper(name: str, m: dict, world: int) -> dict:
     """Seconds of the whole model on ``world`` H100s (one node, NVLink), from flop and byte counts."""
-    from optimum_maiht.distributed import plan_solves
-
     h, i, q, kv = m["hidden"], m["inter"], m["q"], m["kv"]
     shapes = [(q, h), (kv, h), (kv, h), (h, q), (i, h), (i, h), (h, i)]  # q k v o gate up down (out, in)
     params = sum(o * d for o, d in shapes)
@@ -131,9 +133,6 @@ def paper() -> list[dict]:
 
 def run(out: Path, pattern: str, threads: int) -> None:
     """One pruning run (this process is one rank, or the only process); rank 0 writes ``out``."""
-    from optimum_maiht import MAIHTConfig, MAIHTPruner
-    from optimum_maiht.distributed import is_main_process
-
     torch.set_num_threads(threads)
     model, tokenizer, _ = load_demo()
     calib = calibration_ids(tokenizer, CALIB_SAMPLES, CALIB_LENGTH)
@@ -158,7 +157,7 @@ def run(out: Path, pattern: str, threads: int) -> None:
         "perplexity_before": report.evaluation["perplexity_before"],
         "perplexity_after": report.evaluation["perplexity_after"],
         "sparsity": report.sparsity,
-        "errors": {layer.name: layer.error_after for layer in report.pruned},
+        "errors": {layer.name: layer.error for layer in report.pruned},
     }
     out.write_text(json.dumps(record))
 

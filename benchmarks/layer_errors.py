@@ -2,11 +2,14 @@
 
 For the first decoder blocks of the dense demo model, the calibration windows (the same tensor as
 ``quality.py``) are propagated through the *dense* blocks and each target layer's ``H = X^T X`` is
-collected with optimum_maiht's own machinery. Every method then prunes the layer's weight against that one
-``H`` and is scored by ``tr(E H E^T) / tr(W0 H W0^T)``. SparseGPT here is our reimplementation from the
-paper (``sparsegpt_reference.py``), since a full-model peer run cannot be scored on identical inputs.
+collected with optimum_maiht's own pipeline stages (``capture_block_inputs``, ``replay``, ``GramCollector``).
+Every method is a layer solver of ``optimum_maiht.solvers`` (``make_solver``), prunes the layer's weight
+against that one ``H`` and is scored by ``tr(E H E^T) / tr(W0 H W0^T)``. SparseGPT here is ours
+(``optimum_maiht.solvers.sparsegpt``, the paper's Algorithm 1 with its mask choice over each 128-column
+block), since a full-model peer run cannot be scored on identical inputs.
 
     python benchmarks/layer_errors.py                  # 3 blocks, 50% unstructured and 2:4
+    python benchmarks/layer_errors.py --blocks 1 --output /tmp/layer_errors   # a quick look
 """
 
 from __future__ import annotations
@@ -28,11 +31,26 @@ from bench_common import (
     tensor_digest,
     versions,
 )
-from sparsegpt_reference import sparsegpt_prune
+
+from optimum_maiht.configuration import MAIHTConfig
+from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
+from optimum_maiht.pipeline.capture import Placement, capture_block_inputs, replay
+from optimum_maiht.pipeline.statistics import GramCollector
+from optimum_maiht.solvers import LayerSpec, make_solver, relative_output_error
+from optimum_maiht.targets import find_targets
 
 logger = logging.getLogger("layer_errors")
 
 SETTINGS = {"50%": (0.5, None), "2:4": (0.5, (2, 4))}
+METHODS = {
+    "magnitude": (make_solver("magnitude"), "layer"),
+    "wanda": (make_solver("wanda"), "row"),
+    "sparsegpt": (make_solver("sparsegpt"), "layer"),
+    "maiht": (make_solver("maiht"), "row"),
+}
+"""Each method's layer solver (at its defaults) and its unstructured comparison group: magnitude over the
+whole layer (the classic baseline), Wanda and mAIHT per row, SparseGPT over each 128-column block (the
+paper's choice; ``scope="layer"``). N:M patterns ignore the group."""
 
 
 def collect_grams(
@@ -40,49 +58,33 @@ def collect_grams(
 ) -> dict[str, dict[str, Any]]:
     """``{layer name: {"weight", "gram", "block"}}`` for the target linears of the first ``num_blocks``
     blocks, the calibration run through the dense blocks (nothing is pruned)."""
-    from optimum_maiht.configuration import MAIHTConfig
-    from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
-    from optimum_maiht.sequential import GramCollector, capture_block_inputs
-    from optimum_maiht.targets import find_targets
-
     blocks_name, blocks = find_decoder_blocks(model)
     targets = [t.linears for t in find_targets(model, blocks_name, blocks, MAIHTConfig())]
-    hidden, calls = capture_block_inputs(model, blocks, ids, batch_size, torch.device("cpu"))
+    hidden, calls = capture_block_inputs(model, blocks, ids, batch_size, Placement(torch.device("cpu")))
     layers: dict[str, dict[str, Any]] = {}
-    with torch.no_grad():
-        for i in range(num_blocks):
-            collector = GramCollector(targets[i])
-            outputs = []
-            for h, call in zip(hidden, calls[i], strict=True):
-                outputs.append(call.run(blocks[i], h))
-                collector.end_batch()
+    for i in range(num_blocks):
+        collector = GramCollector(targets[i])
+        try:
+            hidden = replay(blocks[i], hidden, calls[i], after_batch=collector.end_batch)
+        finally:
             collector.remove()
-            for name, layer in targets[i].items():
-                layers[name] = {
-                    "weight": weight_matrix(layer).detach().clone(),
-                    "gram": collector.gram[name],
-                    "block": i,
-                }
-            hidden = outputs
+        for name, layer in targets[i].items():
+            layers[name] = {
+                "weight": weight_matrix(layer).detach().clone(),
+                "gram": collector.gram[name],
+                "block": i,
+            }
     return layers
 
 
 def prune_all(
     weight: torch.Tensor, gram: torch.Tensor, sparsity: float, nm: tuple[int, int] | None
 ) -> dict[str, tuple[torch.Tensor, float]]:
-    """Each method's pruned weight and its seconds."""
-    from optimum_maiht.solvers import LayerSpec, magnitude_prune, maiht, wanda
-
-    runs = {
-        "magnitude": lambda: magnitude_prune(weight, LayerSpec(sparsity, nm, "layer")),
-        "wanda": lambda: wanda(weight, gram, LayerSpec(sparsity, nm)).weight,
-        "sparsegpt": lambda: sparsegpt_prune(weight, gram, sparsity, nm),
-        "maiht": lambda: maiht(weight, gram, LayerSpec(sparsity, nm)).weight,
-    }
+    """Each method's pruned weight and its seconds (the solver's call, its own error scores included)."""
     out = {}
-    for method, run in runs.items():
+    for method, (solve, scope) in METHODS.items():
         start = time.perf_counter()
-        pruned = run()
+        pruned = solve(weight, gram, LayerSpec(sparsity, nm, scope)).weight
         out[method] = (pruned, time.perf_counter() - start)
     return out
 
@@ -99,11 +101,11 @@ def render_markdown(record: dict[str, Any]) -> str:
         f"{record['blocks']} decoder blocks of {record['model']}, every method on the same `H` (the "
         f"calibration, {record['calibration']['num_samples']} x {record['calibration']['sequence_length']} "
         "WikiText-2 validation tokens, run through the dense blocks). Lower is better; the best of each "
-        "row is in bold. Magnitude compares "
-        "weights over the whole layer (the classic baseline), Wanda per output row; SparseGPT is **our "
-        "reimplementation** from the paper "
-        "(`benchmarks/sparsegpt_reference.py`: blocksize 128, 1% dampening, adaptive mask per 128-column "
-        "block), not llm-compressor's; mAIHT is `optimum_maiht.solvers.maiht` at its defaults.",
+        "row is in bold. Every method is a layer solver of `optimum_maiht.solvers` at its defaults. "
+        "Magnitude compares weights over the whole layer (the classic baseline), Wanda per output row; "
+        "SparseGPT is **ours** (`optimum_maiht.solvers.sparsegpt`, from the paper: block size 128, 1% "
+        "dampening, adaptive mask over each 128-column block), not llm-compressor's; mAIHT is "
+        "`optimum_maiht.solvers.maiht`.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -162,14 +164,11 @@ def main() -> None:
         )
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-
-    from optimum_maiht.solvers import relative_output_error
-
     model, tokenizer, path = load_demo()
     ids = calibration_ids(tokenizer, seed=args.seed)
     logger.info("collecting Gram matrices of the first %d blocks on %s", args.blocks, tuple(ids.shape))
     layers = collect_grams(model, ids, args.blocks, args.batch_size)
-    methods = ["magnitude", "wanda", "sparsegpt", "maiht"]
+    methods = list(METHODS)
     record: dict[str, Any] = {
         "model": "SmolLM2-135M-Instruct (demo model, fp32)",
         "blocks": args.blocks,

@@ -3,21 +3,25 @@
 Methods (``--methods``):
 
 * ``dense``: the unpruned model (run once, whatever the settings);
-* ``magnitude``: ours, keep the largest ``|W|`` over each whole layer (N:M: per group);
+* ``magnitude``: ours, keep the largest ``|W|`` over each whole layer (N:M: per group), through the pipeline
+  (``MAIHTConfig(solver="magnitude", scope="layer")``: its calibration pass runs, the mask ignores it);
 * ``wanda-llmc``, ``sparsegpt-llmc``: llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier``
   through ``oneshot`` (its sequential pipeline, its defaults, ``lm_head`` ignored);
 * ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (``--maiht-option key=value`` overrides a
   ``MAIHTConfig`` field, and the run is then labelled with it);
 * ``maiht-rec`` (not run unless asked for): mAIHT plus block reconstruction (``reconstruction_epochs=4``,
   the other reconstruction fields at their defaults; ``--maiht-option`` applies here too);
-* ``wanda-rec`` (not run unless asked for): Wanda's mask (mAIHT with ``iterations=0`` and
-  ``refit_iterations=0``: its first projection is the Wanda mask, the kept weights unchanged up to float32
-  rounding) plus the same block reconstruction (``--maiht-option`` overrides these fields too: pass
-  ``iterations`` only to a ``maiht`` / ``maiht-rec`` run of its own);
-* ``sparsegpt-ref``, ``sparsegpt-rec`` (not run unless asked for): our reference SparseGPT
-  (``sparsegpt_reference.py``, the paper's Algorithm 1) as the layer solver of ``MAIHTPruner``'s pipeline,
-  without and with the same block reconstruction: SparseGPT's masks and weights under exactly the refit
-  mAIHT gets (``sparsegpt-ref`` checks the reimplementation against ``sparsegpt-llmc``).
+* ``wanda-rec`` (not run unless asked for): Wanda's mask (``solver="wanda"``, per row) plus the same block
+  reconstruction (``--maiht-option`` overrides these fields too; mAIHT's own fields do nothing here);
+* ``sparsegpt-ref``, ``sparsegpt-rec`` (not run unless asked for): our SparseGPT
+  (``optimum_maiht.solvers.sparsegpt``, the paper's Algorithm 1 with its mask choice over each 128-column
+  block: ``solver="sparsegpt", scope="layer"``) in ``MAIHTPruner``'s pipeline, without and with the same
+  block reconstruction: SparseGPT's masks and weights under exactly the refit mAIHT gets
+  (``sparsegpt-ref`` checks our SparseGPT against ``sparsegpt-llmc``).
+
+Every method but ``dense`` and the two llm-compressor ones runs in ``MAIHTPruner``'s pipeline with the
+solver its ``MAIHTConfig`` names (:data:`PIPELINE_METHODS`); the record's ``details.solver`` is the
+report's.
 
 Settings (``--settings``): ``50%``, ``60%``, ``70%`` (unstructured), ``2:4``, ``4:8``.
 
@@ -34,7 +38,6 @@ plot. Run it with the benchmark virtualenv (``benchmarks/setup_llmcompressor.sh`
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -63,21 +66,30 @@ from bench_common import (
     versions,
 )
 
+from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
+
 logger = logging.getLogger("quality")
 
 RECONSTRUCTION = {"reconstruction_epochs": 4}
-MAIHT_METHODS: dict[str, dict[str, Any]] = {
-    "maiht": {},
-    "maiht-rec": RECONSTRUCTION,
-    "wanda-rec": {"iterations": 0, "refit_iterations": 0, **RECONSTRUCTION},
-    "sparsegpt-ref": {},
-    "sparsegpt-rec": RECONSTRUCTION,
+PIPELINE_METHODS: dict[str, dict[str, Any]] = {
+    "magnitude": {"solver": "magnitude", "scope": "layer"},
+    "maiht": {"solver": "maiht"},
+    "maiht-rec": {"solver": "maiht", **RECONSTRUCTION},
+    "wanda-rec": {"solver": "wanda", **RECONSTRUCTION},
+    "sparsegpt-ref": {"solver": "sparsegpt", "scope": "layer"},
+    "sparsegpt-rec": {"solver": "sparsegpt", "scope": "layer", **RECONSTRUCTION},
 }
-"""Methods run by ``MAIHTPruner``: the ``MAIHTConfig`` fields each sets (before ``--maiht-option``)."""
+"""Methods run by ``MAIHTPruner``'s pipeline: the ``MAIHTConfig`` fields each sets (``--maiht-option``
+overrides them)."""
+OPTION_METHODS = [m for m in PIPELINE_METHODS if m != "magnitude"]
+"""The methods ``--maiht-option`` applies to (magnitude stays the plain baseline, unlabelled)."""
 DEFAULT_METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
 METHODS = DEFAULT_METHODS + ["maiht-rec", "wanda-rec", "sparsegpt-ref", "sparsegpt-rec"]
 SETTINGS = ["50%", "60%", "70%", "2:4", "4:8"]
 RESULTS = RESULTS_DIR / "quality.json"
+REPORTS = RESULTS_DIR.parent / "work" / "reports"
+"""Where each pipeline run's ``maiht_report`` is saved (ignored by git)."""
 
 
 def parse_setting(setting: str) -> tuple[float, str]:
@@ -110,23 +122,6 @@ def parse_options(options: list[str]) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------------------------------
 # one run, in its own process
-
-
-def prune_magnitude(model: torch.nn.Module, sparsity: float, pattern: str) -> dict[str, Any]:
-    """Keep the largest |W| of every target linear in the decoder blocks (per layer; N:M per group)."""
-    from optimum_maiht.configuration import MAIHTConfig
-    from optimum_maiht.model_utils import find_decoder_blocks, weight_matrix
-    from optimum_maiht.solvers import LayerSpec, magnitude_prune
-    from optimum_maiht.targets import find_targets
-
-    config = MAIHTConfig(sparsity=sparsity if pattern == "unstructured" else None, pattern=pattern)
-    blocks_name, blocks = find_decoder_blocks(model)
-    with torch.no_grad():
-        for targets in find_targets(model, blocks_name, blocks, config):
-            for layer in targets.linears.values():
-                weight = weight_matrix(layer)
-                weight.copy_(magnitude_prune(weight, LayerSpec(sparsity, config.nm, "layer")))
-    return {"scope": "layer"}
 
 
 def prune_llmc(
@@ -164,30 +159,12 @@ def prune_llmc(
     return {"modifier": modifier.model_dump(mode="json", exclude_none=True)}
 
 
-def sparsegpt_solver(weight: torch.Tensor, gram: torch.Tensor, spec: Any, **kwargs: Any) -> Any:
-    """Our reference SparseGPT with ``maiht``'s signature and result (errors, no iterations)."""
-    from sparsegpt_reference import sparsegpt_prune
-
-    from optimum_maiht.solvers import SolverResult, relative_output_error, wanda
-
-    pruned = sparsegpt_prune(weight, gram, spec.sparsity, spec.nm)
-    error = relative_output_error(pruned, weight, gram)
-    return SolverResult(pruned, pruned != 0, error, wanda(weight, gram, spec).error)
+def geometric_mean(values: list[float]) -> float:
+    """Geometric mean (values floored at 1e-30, so that an exact fit does not zero it)."""
+    return float(torch.tensor(values, dtype=torch.float64).clamp_min(1e-30).log().mean().exp())
 
 
-@contextlib.contextmanager
-def solver_swapped(solver: Any):
-    """Within the block, the pipeline's layer solver is ``solver`` (None: unchanged)."""
-    if solver is None:
-        yield
-        return
-    from unittest import mock
-
-    with mock.patch("optimum_maiht.sequential.maiht", solver):
-        yield
-
-
-def prune_maiht(
+def prune_pipeline(
     model: torch.nn.Module,
     tokenizer: Any,
     ids: torch.Tensor,
@@ -195,14 +172,11 @@ def prune_maiht(
     pattern: str,
     batch_size: int,
     seed: int,
-    options: dict[str, Any],
+    fields: dict[str, Any],
     report_dir: Path,
-    solver: str = "maiht",
 ) -> dict[str, Any]:
-    """MAIHTPruner at its defaults (plus ``options``) on the given calibration tensor; ``solver="sparsegpt"``
-    puts our reference SparseGPT in mAIHT's place for every layer."""
-    from optimum_maiht import MAIHTConfig, MAIHTPruner
-
+    """``MAIHTPruner`` on the given calibration tensor with the ``MAIHTConfig`` ``fields`` (the solver among
+    them); the report is saved in ``report_dir``, its summary returned."""
     settings = {
         "sparsity": sparsity if pattern == "unstructured" else None,
         "pattern": pattern,
@@ -210,25 +184,23 @@ def prune_maiht(
         "sequence_length": int(ids.shape[1]),
         "batch_size": batch_size,
         "seed": seed,
-        **options,
+        **fields,
     }
     pruner = MAIHTPruner(model, MAIHTConfig(**settings), tokenizer=tokenizer, device="cpu")
-    with solver_swapped(sparsegpt_solver if solver == "sparsegpt" else None):
-        pruner.prune(ids, progress=False)
-    report = pruner.report.to_dict()
+    pruner.prune(ids, progress=False)
+    report = pruner.report
     report_dir.mkdir(parents=True, exist_ok=True)
-    (report_dir / f"maiht-{pattern.replace(':', 'of')}-{sparsity:g}-{int(time.time())}.json").write_text(
-        json.dumps(report, indent=1) + "\n"
-    )
-    layers = [r for r in report["layers"] if not r["skipped"]]
-    errors_before = torch.tensor([r["error_before"] for r in layers], dtype=torch.float64).clamp_min(1e-30)
-    errors_after = torch.tensor([r["error_after"] for r in layers], dtype=torch.float64).clamp_min(1e-30)
+    name = f"{report.solver}-{pattern.replace(':', 'of')}-{sparsity:g}-{int(time.time())}.json"
+    (report_dir / name).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+    layers = report.pruned
+    rebuilt = report.reconstruction
     return {
-        "config": report["config"],
-        "geomean_layer_error_wanda_mask": float(errors_before.log().mean().exp()),
-        "geomean_layer_error": float(errors_after.log().mean().exp()),
-        "solver_seconds": round(sum(r["seconds"] for r in layers), 2),
-        "reconstruction": report.get("reconstruction"),
+        "solver": report.solver,
+        "config": report.config,
+        "geomean_layer_error_wanda_mask": geometric_mean([layer.error_wanda for layer in layers]),
+        "geomean_layer_error": geometric_mean([layer.error for layer in layers]),
+        "solver_seconds": round(sum(layer.seconds for layer in layers), 2),
+        "reconstruction": None if rebuilt is None else [block.to_dict() for block in rebuilt],
     }
 
 
@@ -241,9 +213,8 @@ def run_one(
     calib: tuple[int, int],
     options: dict[str, Any],
 ) -> dict[str, Any]:
-    """Load the model, prune it with ``method`` at ``setting``, evaluate it: one result record."""
-    from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
-
+    """Load the model, prune it with ``method`` at ``setting``, evaluate it: one result record
+    (``options``: the ``--maiht-option`` fields, for the methods of :data:`OPTION_METHODS`)."""
     torch.manual_seed(seed)
     model, tokenizer, path = load_demo()
     embedding = model.get_input_embeddings().weight.detach().clone()
@@ -251,23 +222,11 @@ def run_one(
     sparsity, pattern = (0.0, "dense") if method == "dense" else parse_setting(setting)
     details: dict[str, Any] = {}
     start = time.perf_counter()
-    if method == "magnitude":
-        details = prune_magnitude(model, sparsity, pattern)
-    elif method in ("wanda-llmc", "sparsegpt-llmc"):
+    if method in ("wanda-llmc", "sparsegpt-llmc"):
         details = prune_llmc(model, tokenizer, ids, method, sparsity, pattern, batch_size)
-    elif method in MAIHT_METHODS:
-        details = prune_maiht(
-            model,
-            tokenizer,
-            ids,
-            sparsity,
-            pattern,
-            batch_size,
-            seed,
-            {**MAIHT_METHODS[method], **options},
-            RESULTS_DIR.parent / "work" / "reports",
-            solver="sparsegpt" if method.startswith("sparsegpt-") else "maiht",
-        )
+    elif method in PIPELINE_METHODS:
+        fields = {**PIPELINE_METHODS[method], **options}
+        details = prune_pipeline(model, tokenizer, ids, sparsity, pattern, batch_size, seed, fields, REPORTS)
     elif method != "dense":
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
     prune_seconds = time.perf_counter() - start
@@ -337,7 +296,11 @@ def main() -> int:
     parser.add_argument(
         "--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {METHODS}"
     )
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"comma-separated, from {SETTINGS}")
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma-separated, from " + ", ".join(SETTINGS).replace("%", "%%"),
+    )
     parser.add_argument(
         "--eval-windows",
         type=int,
@@ -355,8 +318,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a MAIHTConfig field for every run through MAIHTPruner (maiht, maiht-rec, wanda-rec, "
-        "sparsegpt-ref, sparsegpt-rec; repeatable)",
+        help=f"override a MAIHTConfig field for every run of {', '.join(OPTION_METHODS)} (repeatable)",
     )
     parser.add_argument("--results", type=Path, default=RESULTS, help="JSON list the records are appended to")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "SETTING"), help=argparse.SUPPRESS)
@@ -419,7 +381,7 @@ def main() -> int:
                 "--record",
                 str(record_file),
             ]
-            if method in MAIHT_METHODS:
+            if method in OPTION_METHODS:
                 command += [f"--maiht-option={o}" for o in args.maiht_option]
             logger.info("run %s at %s", method, setting)
             start = time.perf_counter()

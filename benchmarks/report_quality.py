@@ -28,8 +28,8 @@ LABELS = {
     "maiht": "mAIHT (optimum-maiht, defaults)",
     "wanda-rec": "Wanda mask + block reconstruction (optimum-maiht)",
     "maiht-rec": "mAIHT + block reconstruction (optimum-maiht)",
-    "sparsegpt-ref": "SparseGPT (our reference) in optimum-maiht's pipeline",
-    "sparsegpt-rec": "SparseGPT (our reference) + block reconstruction (optimum-maiht)",
+    "sparsegpt-ref": "SparseGPT (ours) in optimum-maiht's pipeline",
+    "sparsegpt-rec": "SparseGPT (ours) + block reconstruction (optimum-maiht)",
 }
 
 
@@ -118,7 +118,8 @@ def render(records: list[dict[str, Any]]) -> str:
         json.dumps({k: v for k, v in r["versions"].items() if k != commit_key}, sort_keys=True)
         for r in records
     }
-    commits = sorted({r["versions"].get(commit_key, "?") for r in records if r["method"].startswith("maiht")})
+    ours = [r for r in records if r["method"] != "dense" and not r["method"].endswith("-llmc")]
+    commits = sorted({r["versions"].get(commit_key, "?") for r in ours})
     commands = sorted({r["command"] for r in records})
     lines += ["## Provenance", ""]
     lines += [
@@ -130,7 +131,7 @@ def render(records: list[dict[str, Any]]) -> str:
     ]
     if commits:
         lines += [
-            "- optimum-maiht source of the mAIHT runs (git commit, `+dirty` = local changes): "
+            "- optimum-maiht source of the runs in its pipeline (git commit, `+dirty` = local changes): "
             + ", ".join(f"`{c}`" for c in commits)
         ]
     lines += ["- Commands that produced these records:"] + [f"  - `{c}`" for c in commands]

@@ -27,13 +27,21 @@ PEERS = RESULTS_DIR / "quality.json"
 PEER_METHODS = ["wanda-llmc", "sparsegpt-llmc", "maiht"]
 
 
+def _block_errors(block: dict[str, Any]) -> tuple[float, float]:
+    """A block's output error with the solved and with the refitted weights: ``error_solved`` /
+    ``error_refit`` since report version 4, ``error_before`` / ``error_after`` in the records before."""
+    if "error_solved" in block:
+        return block["error_solved"], block["error_refit"]
+    return block["error_before"], block["error_after"]
+
+
 def _errors(record: dict[str, Any]) -> str:
-    blocks = record.get("details", {}).get("reconstruction") or []
+    blocks = [b for b in record.get("details", {}).get("reconstruction") or [] if not b.get("skipped")]
     if not blocks:
         return "–"
     kept = sum(1 for b in blocks if b.get("epochs", 0) == 0)
-    before = mean(b["error_before"] for b in blocks)
-    after = mean(b["error_after"] for b in blocks)
+    before = mean(_block_errors(b)[0] for b in blocks)
+    after = mean(_block_errors(b)[1] for b in blocks)
     return f"{before:.4f} → {after:.4f} ({kept} blocks left as solved)"
 
 

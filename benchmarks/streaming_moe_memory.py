@@ -98,9 +98,10 @@ def markdown(data: dict) -> str:
     lines = [
         "# Peak host memory: a fused mixture-of-experts checkpoint, streaming vs in memory",
         "",
-        f"`optimum-cli maiht prune` on a random Qwen3-MoE-style float32 checkpoint ({row['blocks']} blocks of "
-        f"{model['num_experts']} experts of {model['moe_intermediate_size']}, hidden {model['hidden_size']}; "
-        "tied 49152-token embedding) saved by transformers (per-expert tensors, fused on load); peak resident "
+        f"`optimum-cli maiht prune` on a random Qwen3-MoE-style float32 checkpoint ({row['blocks']} blocks "
+        f"of {model['num_experts']} experts of {model['moe_intermediate_size']}, hidden "
+        f"{model['hidden_size']}; tied 49152-token embedding) saved by transformers (per-expert tensors, "
+        "fused on load); peak resident "
         f"memory (`ru_maxrss`) and above a baseline process that imports torch and transformers "
         f"({gib(data['baseline_bytes'])} GiB); {data['machine']['cores']} cores, "
         f"{data['versions'].get('torch')}.",

@@ -11,10 +11,12 @@ correction (block 0, where ``X_p = X_d``, gets exactly ``W0``).
 Each run prunes every ``nn.Linear`` of the 30 blocks at 50% or 2:4 (mAIHT, 5 iterations / 5 CG steps),
 carries the dense activations beside the pruned ones, records each block's output error against the dense
 block (mean over tokens of the relative squared error) and the perplexity of the quality benchmark, and
-appends a record to ``results/dense_target_trial.json``::
+appends a record to ``benchmarks/results/dense_target_trial.json``. It runs its own block loop on the
+pipeline's public stages (``capture_block_inputs``, ``token_errors``) and the ``maiht`` layer solver, since
+its statistics (the cross Gram of paired dense and pruned passes) are not the pipeline's::
 
-    .venv/bin/python benchmarks/dense_target_trial.py --mode plain --setting 50%
-    .venv/bin/python benchmarks/dense_target_trial.py --mode dense --setting 50% --damp 1.0
+    .venv/bin/python benchmarks/trials/dense_target_trial.py --mode plain --setting 50%
+    .venv/bin/python benchmarks/trials/dense_target_trial.py --mode dense --setting 50% --damp 1.0
 
 ``--token-weights`` weights each token's row in both Gram matrices by ``1 / mean square`` of its residual
 entering the block, the per-token normalisation of the block reconstruction's loss (the few tokens with
@@ -26,9 +28,14 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_common
+
 from bench_common import (
     EVAL_LENGTH,
     RESULTS_DIR,
@@ -42,11 +49,12 @@ from bench_common import (
 from torch import nn
 
 from optimum_maiht.evaluation import perplexity
-from optimum_maiht.reconstruction import token_errors
-from optimum_maiht.sequential import capture_block_inputs
-from optimum_maiht.solvers import LayerSpec, maiht
+from optimum_maiht.pipeline.capture import Placement, capture_block_inputs
+from optimum_maiht.pipeline.reconstruct import token_errors
+from optimum_maiht.solvers import LayerSpec, make_solver
 
 RESULTS = RESULTS_DIR / "dense_target_trial.json"
+SOLVE = make_solver("maiht", iterations=5, refit_iterations=5)
 
 
 def dense_target(weight: torch.Tensor, gram: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
@@ -97,7 +105,8 @@ def run(mode: str, setting: str, damp: float, weighted: bool) -> dict:
     model, tokenizer, _ = load_demo()
     blocks = model.model.layers
     dense_blocks = copy.deepcopy(blocks)
-    hidden, calls = capture_block_inputs(model, blocks, calibration_ids(tokenizer), 8, torch.device("cpu"))
+    ids = calibration_ids(tokenizer)
+    hidden, calls = capture_block_inputs(model, blocks, ids, 8, Placement(torch.device("cpu")))
     dense = list(hidden)
     nm, sparsity = ((2, 4), 0.5) if setting == "2:4" else (None, float(setting.rstrip("%")) / 100)
     errors = []
@@ -121,7 +130,7 @@ def run(mode: str, setting: str, damp: float, weighted: bool) -> dict:
             weight = layer.weight.float()
             if mode == "dense":
                 weight = dense_target(weight, grams[name], cross[name], damp)
-            result = maiht(weight, grams[name], LayerSpec(sparsity, nm), iterations=5, refit_iterations=5)
+            result = SOLVE(weight, grams[name], LayerSpec(sparsity, nm))
             layer.weight.copy_(result.weight)
         hidden = [call.run(block, h) for call, h in zip(calls[i], hidden, strict=True)]
         dense = [call.run(dense_blocks[i], d) for call, d in zip(calls[i], dense, strict=True)]

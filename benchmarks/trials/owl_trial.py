@@ -7,10 +7,11 @@ model's activations); the ratios are min-max scaled to ``[0, 2 * lambda]``, shif
 used as each block's density. Every other setting is mAIHT's default and the calibration / evaluation are
 ``quality.py``'s, so the result compares directly with the uniform ``maiht`` rows of ``results/quality.json``.
 
-This is a measurement, not a feature: the per-block sparsity is injected by wrapping the pipeline's
-per-layer step. Results are appended to ``results/owl_trial.json``.
+This is a measurement, not a feature (not adopted: ``benchmarks/trials/README.md``). The per-block
+sparsities reach the pipeline as ``MAIHTConfig.layer_sparsity``, one regex per block (its escaped name
+prefix, anchored). Results are appended to ``benchmarks/results/owl_trial.json``.
 
-    benchmarks/.venv-llmcompressor/bin/python benchmarks/owl_trial.py --settings 70%,50%
+    benchmarks/.venv-llmcompressor/bin/python benchmarks/trials/owl_trial.py --settings 70%,50%
 """
 
 from __future__ import annotations
@@ -18,10 +19,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import re
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_common, quality
+
 from bench_common import (
     EVAL_LENGTH,
     RESULTS_DIR,
@@ -34,6 +41,11 @@ from bench_common import (
     versions,
 )
 from quality import append_record, parse_setting
+
+from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
+from optimum_maiht.model_utils import block_prefix, find_decoder_blocks, weight_matrix
+from optimum_maiht.targets import find_targets
 
 
 def block_outlier_ratios(
@@ -61,8 +73,6 @@ def block_outlier_ratios(
     finally:
         for h in hooks:
             h.remove()
-    from optimum_maiht.model_utils import weight_matrix  # (out, in) for nn.Linear and GPT-2's Conv1D
-
     ratios = []
     for layers in layers_per_block:
         scores = torch.cat(
@@ -83,13 +93,13 @@ def owl_sparsities(ratios: list[float], sparsity: float, lam: float) -> list[flo
     return (1 - density).tolist()
 
 
-def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_size: int) -> dict[str, Any]:
-    import optimum_maiht.sequential as sequential
-    from optimum_maiht import MAIHTConfig, MAIHTPruner
-    from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
-    from optimum_maiht.model_utils import find_decoder_blocks
-    from optimum_maiht.targets import find_targets
+def block_plan(blocks_name: str, sparsities: list[float]) -> dict[str, float]:
+    """``MAIHTConfig.layer_sparsity`` giving block ``i`` the sparsity ``sparsities[i]``: per block its name
+    prefix (``model.layers.3.``) escaped and anchored, so that it matches no other block's layers."""
+    return {"^" + re.escape(block_prefix(blocks_name, i)): s for i, s in enumerate(sparsities)}
 
+
+def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_size: int) -> dict[str, Any]:
     sparsity, pattern = parse_setting(setting)
     if pattern != "unstructured":
         raise ValueError(f"setting {setting!r}: OWL allocates unstructured sparsity only, use e.g. '70%'")
@@ -103,17 +113,9 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     start = time.perf_counter()
     ratios = block_outlier_ratios(model, targets, ids, threshold, batch_size)
     per_block = owl_sparsities(ratios, sparsity, lam)
-    block_of = {name: i for i, layers in enumerate(targets) for name in layers}
-    real_solve = sequential._solve
-
-    def solve(name, weight, gram, config):  # each layer at its block's sparsity
-        return real_solve(name, weight, gram, dataclasses.replace(config, sparsity=per_block[block_of[name]]))
-
-    sequential._solve = solve
-    try:
-        MAIHTPruner(model, config, tokenizer=tokenizer, device="cpu").prune(ids, progress=False)
-    finally:
-        sequential._solve = real_solve
+    plan = dataclasses.replace(config, layer_sparsity=block_plan(blocks_name, per_block))
+    pruner = MAIHTPruner(model, plan, tokenizer=tokenizer, device="cpu")
+    pruner.prune(ids, progress=False)
     prune_seconds = time.perf_counter() - start
     windows = test_windows(tokenizer, eval_windows)
     ppl = perplexity(model, None, windows, EVAL_LENGTH, batch_size=4)
@@ -124,6 +126,8 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
         "sparsity_measured": round(sparsity_by_layer_type(model)["overall"], 6),
         "block_outlier_ratios": ratios,
         "block_sparsities": per_block,
+        "solver": pruner.report.solver,
+        "layer_sparsity": plan.layer_sparsity,
         "eval": {"windows": int(windows.shape[0]), "sha256": tensor_digest(windows)},
         "calibration": {
             "num_samples": int(ids.shape[0]),
