@@ -74,6 +74,7 @@ class MAIHTPruner:
         tokenizer: Any | None = None,
         device: str | torch.device | None = None,
         offload_activations: bool | None = None,
+        solver: LayerSolver | None = None,
         **model_kwargs: Any,
     ) -> MAIHTPruner:
         """Load from a Hub id or a local folder (``model_kwargs`` go to ``AutoModelForCausalLM``), or wrap
@@ -83,12 +84,12 @@ class MAIHTPruner:
             source = getattr(getattr(model_or_path, "config", None), "name_or_path", None)
             if tokenizer is None and source and Path(source).is_dir():
                 tokenizer = load_tokenizer(source)
-            return cls(model_or_path, config, tokenizer, device, offload_activations)
+            return cls(model_or_path, config, tokenizer, device, offload_activations, solver)
         folder = check_model_source(model_or_path)
         source = str(folder) if folder is not None else str(model_or_path)
         model = AutoModelForCausalLM.from_pretrained(source, **model_kwargs)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
-        return cls(model, config, tokenizer, device, offload_activations)
+        return cls(model, config, tokenizer, device, offload_activations, solver)
 
     @classmethod
     def prune_to_folder(

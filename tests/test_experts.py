@@ -88,15 +88,11 @@ def setup(request) -> _Setup:
     return _Setup(request.param)
 
 
-def test_factories_build_fast_and_default_to_a_fused_implementation():
-    import time
-
+def test_factories_default_to_a_fused_implementation():
     for family in MOE_FAMILIES:
-        start = time.perf_counter()
         model = make_moe_model(family)
         with torch.no_grad():
             logits = model(input_ids=torch.randint(3, 128, TOKENS)).logits
-        assert time.perf_counter() - start < 1.0, family
         assert logits.shape == (*TOKENS, 128) and bool(torch.isfinite(logits).all())
         assert model.config._experts_implementation == "grouped_mm", family
         with eager_experts(model):

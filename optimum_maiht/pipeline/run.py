@@ -85,5 +85,12 @@ def prune_model(
         seconds=round(time.perf_counter() - start, 2),
         versions=library_versions(),
         world_size=parallel.world_size,
-        solver=config.solver if solver is None else getattr(solver, "__name__", "custom"),
+        solver=config.solver if solver is None else solver_name(solver),
     )
+
+
+def solver_name(solver: LayerSolver) -> str:
+    """What the report calls an experiment's own solver: its function's name (through
+    ``functools.partial``, e.g. ``make_solver``'s), else ``"custom"``."""
+    function = getattr(solver, "func", solver)
+    return getattr(function, "__name__", None) or "custom"
