@@ -12,6 +12,7 @@ from moe_models import MOE_FAMILIES, make_moe_model
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.constants import SOLVER_NAMES
 from optimum_maiht.model_card import render_model_card
+from optimum_maiht.model_utils import weight_matrix
 from optimum_maiht.solvers import LayerSpec, SolverResult, make_solver
 
 SMALL = dict(num_samples=8, sequence_length=32, batch_size=4, iterations=2, refit_iterations=2)
@@ -20,6 +21,7 @@ SMALL = dict(num_samples=8, sequence_length=32, batch_size=4, iterations=2, refi
 def pruned_weights(pruner: MAIHTPruner) -> dict[str, torch.Tensor]:
     """Every pruned (out, in) matrix of the report, from the model: a layer's weight, or an expert slice."""
     params = dict(pruner.model.named_parameters())
+    modules = dict(pruner.model.named_modules())
     found = {}
     for layer in pruner.report.pruned:
         if layer.name.endswith("]"):
@@ -27,8 +29,7 @@ def pruned_weights(pruner: MAIHTPruner) -> dict[str, torch.Tensor]:
             matrix = params[name][int(index)]
             found[layer.name] = matrix.t() if layer.transposed else matrix
         else:
-            weight = params[f"{layer.name}.weight"]
-            found[layer.name] = weight if list(weight.shape) == layer.shape else weight.t()  # GPT-2 Conv1D
+            found[layer.name] = weight_matrix(modules[layer.name])  # GPT-2's Conv1D stores (in, out)
     return found
 
 
