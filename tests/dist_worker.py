@@ -6,8 +6,9 @@
 ``compare``: prune the cases of :data:`CASES` and save each rank's weights, report and perplexity on
 :data:`EVAL` to ``OUT_DIR``.
 ``fail_solve`` / ``fail_forward``: rank 1 raises inside a solve / a calibration forward.
-``stream``: stream ``OUT_DIR/checkpoint`` into ``OUT_DIR/whole``; stream it into ``OUT_DIR/resumed`` with
-rank 1 failing once block 1 is in the partial folder, then resume that run.
+``stream``: stream ``OUT_DIR/checkpoint`` into ``OUT_DIR/whole`` and ``OUT_DIR/moe-checkpoint`` (fused
+experts) into ``OUT_DIR/moe-whole``; stream the first into ``OUT_DIR/resumed`` with rank 1 failing once
+block 1 is in the partial folder, then resume that run.
 ``reconstruction``: prune with block reconstruction on; save each rank's weights and report.
 ``fail_refit``: rank 1 raises inside a step of the block reconstruction (between two gradient sums).
 """
@@ -151,6 +152,14 @@ def stream(out: Path) -> None:
 
     rank = int(os.environ["RANK"])
     report = run("whole")
+    MAIHTPruner.prune_to_folder(  # a fused mixture-of-experts checkpoint, converted block by block
+        out / "moe-checkpoint",
+        out / "moe-whole",
+        MAIHTConfig(**STREAM, min_expert_tokens=0),
+        calibration_ids(),
+        max_shard_size=STREAM_SHARD,
+        progress=False,
+    )
     done = StreamingStore.done
 
     def done_then_fail(self, index, block, record):

@@ -212,15 +212,18 @@ def test_windows_are_shared_out_whole_batches_first():
 
 def test_two_processes_stream_resume_and_write_once(tmp_path):
     """Streaming under torchrun: rank 0 alone writes the partial folder and the output, which matches a
-    one-process streamed run up to summation order; a run failing on rank 1 after two blocks resumes (the
-    finished blocks broadcast by rank 0) and ends bit-identical to the uninterrupted two-process run."""
+    one-process streamed run up to summation order (masks >= 99.9% equal), a dense and a fused-expert
+    checkpoint alike; a run failing on rank 1 after two blocks resumes (the finished blocks broadcast by
+    rank 0) and ends bit-identical to the uninterrupted two-process run."""
     from dist_worker import STREAM, STREAM_SHARD
+    from moe_models import make_moe_model
     from test_streaming import assert_same_tensors, folder_tensors, make_checkpoint
 
     from optimum_maiht import MAIHTConfig, MAIHTPruner
     from optimum_maiht.streaming import partial_folder
 
     make_checkpoint(tmp_path / "checkpoint")
+    make_moe_model("qwen3_moe").save_pretrained(tmp_path / "moe-checkpoint", max_shard_size=STREAM_SHARD)
     results = launch("stream", tmp_path)
     for rank, result in enumerate(results):
         assert result.returncode == 0, f"rank {rank}:\n{result.stdout[-4000:]}"
@@ -239,13 +242,21 @@ def test_two_processes_stream_resume_and_write_once(tmp_path):
     MAIHTPruner.prune_to_folder(
         tmp_path / "checkpoint", one, config, calibration_ids(), max_shard_size=STREAM_SHARD
     )
-    mine, theirs = folder_tensors(one), folder_tensors(tmp_path / "whole")
-    assert sorted(mine) == sorted(theirs)
-    for name, tensor in mine.items():
-        if tensor.dim() >= 2 and ".layers." in name:
-            agree = float(((tensor == 0) == (theirs[name] == 0)).float().mean())
-            assert agree >= 0.999, (name, agree)
-            assert torch.allclose(tensor, theirs[name], rtol=1e-3, atol=1e-5), name
+    moe = tmp_path / "moe-one"
+    config = MAIHTConfig(**STREAM, min_expert_tokens=0)
+    MAIHTPruner.prune_to_folder(
+        tmp_path / "moe-checkpoint", moe, config, calibration_ids(), max_shard_size=STREAM_SHARD
+    )
+    for whole, single in ((tmp_path / "whole", one), (tmp_path / "moe-whole", moe)):
+        mine, theirs = folder_tensors(single), folder_tensors(whole)
+        assert sorted(mine) == sorted(theirs)
+        experts = [name for name in mine if ".experts." in name]
+        assert experts or whole.name == "whole"  # the MoE folder is in the checkpoint's per-expert layout
+        for name, tensor in mine.items():
+            if tensor.dim() >= 2 and ".layers." in name:
+                agree = float(((tensor == 0) == (theirs[name] == 0)).float().mean())
+                assert agree >= 0.999, (name, agree)
+                assert torch.allclose(tensor, theirs[name], rtol=1e-3, atol=1e-5), name
 
 
 @pytest.mark.slow
