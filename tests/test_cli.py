@@ -440,8 +440,11 @@ def test_eval_bad_values_are_one_line_errors_naming_the_flag(
     [
         (["--eval-max-windows", "-2"], ["--eval-max-windows -2", "0 or more"]),
         (["--eval-sequence-length", "0"], ["--eval-sequence-length 0", "2 or more"]),
-        (["--batch-size", "0"], ["batch_size", ">= 1", "--batch-size"]),
-        (["--sequence-length", "1"], ["sequence_length", ">= 2", "--sequence-length"]),
+        (["--batch-size", "0"], ["batch_size", "from 1 to 65,536", "--batch-size"]),
+        (["--sequence-length", "1"], ["sequence_length", "from 2 to", "--sequence-length"]),
+        (["--iterations", "1000000000000"], ["iterations", "from 0 to 10,000", "--iterations"]),
+        (["--seed", "1" + "0" * 30], ["seed", "from 0 to 4,294,967,295", "--seed"]),
+        (["--targets", "(?:.|..)*(?<=Z)"], ["targets pattern", "catastrophic backtracking", "--targets"]),
         (["--model", "./missing-model"], ["--model", "not found", "missing-model"]),
     ],
 )
