@@ -469,6 +469,22 @@ def test_non_empty_output_names_the_flags(
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
 
 
+@pytest.mark.parametrize("output", [".", "..", "{cwd}"])
+def test_the_current_folder_or_a_parent_is_never_an_output(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path, tmp_path: Path, capsys, output: str
+):
+    """``--output . --overwrite`` used to replace (delete) the folder the command ran in."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "keep.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    args = ["maiht", "prune", "--model", str(workdir / "tiny"), "--output", output.format(cwd=here)]
+    line = run_error(monkeypatch, capsys, *args, "--overwrite")
+    assert "--output" in line and "current folder or one of its parents" in line
+    assert [p.name for p in here.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+
+
 def test_windows_longer_than_the_context_are_refused(
     monkeypatch: pytest.MonkeyPatch, workdir: Path, tmp_path: Path, capsys
 ) -> None:
