@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
@@ -89,9 +90,7 @@ def _register() -> None:
     """Import the quantizer module; a failure there must not break transformers for everyone else."""
     try:
         importlib.import_module(".quantizer", __name__)
-    except Exception as err:  # noqa: BLE001 (reported, never raised into transformers' import)
-        import logging
-
+    except Exception as err:  # reported, never raised into transformers' import
         logging.getLogger(__name__).warning(
             "optimum_maiht could not register its compact format with transformers (%s: %s); compact folders "
             "will not load with AutoModelForCausalLM",

@@ -41,7 +41,6 @@ _INTEGERS = {
     "reconstruction_batch_size": (1, 65_536, False),
 }
 MAX_RIDGE = 1e6
-MAX_LR = 1.0
 _REGEX_LISTS = ("targets", "ignore")
 MAX_PATTERNS = 256
 MAX_PATTERN_CHARS = 1000
@@ -241,10 +240,8 @@ class MAIHTConfig:
 
     def _check_reconstruction(self) -> None:
         lr, holdout = self.reconstruction_lr, self.reconstruction_holdout
-        if not _is_number(lr) or not 0 < lr <= MAX_LR:
-            raise ValueError(
-                f"reconstruction_lr must be a number in (0, {MAX_LR:g}], got {_shown(lr)}; e.g. 1e-3"
-            )
+        if not _is_number(lr) or not 0 < lr < float("inf"):  # a large rate diverges, which the refit detects
+            raise ValueError(f"reconstruction_lr must be a finite number > 0, got {_shown(lr)}; e.g. 1e-3")
         if not _is_number(holdout) or not 0 < holdout < 1:
             raise ValueError(
                 f"reconstruction_holdout must be a share in (0, 1) of the calibration batches, got "

@@ -184,6 +184,17 @@ def test_a_tie_the_model_does_not_have_is_refused(checkpoint):
     refused(folder, rf"'tied' makes {Q_PROJ} a copy of {K_PROJ}, which the model does not tie")
 
 
+def test_a_declared_tie_whose_source_is_not_stored_is_refused(tmp_path):
+    folder = tmp_path / "ckpt"
+    model, layers = magnitude_pruned("gpt2", None)
+    save_compressed(model, folder, {})
+    index = json.loads((folder / COMPRESSED_INDEX_NAME).read_text())
+    assert index["metadata"]["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    del index["weight_map"]["transformer.wte.weight"]
+    write_index(folder, index)
+    refused(folder, r"lm_head.weight is tied to transformer.wte.weight, which is not stored")
+
+
 @pytest.mark.parametrize("value", [1, "yes", None, True])
 def test_transposed_must_be_a_boolean_matching_the_layer(tmp_path, value):
     folder = tmp_path / "ckpt"
