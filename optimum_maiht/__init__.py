@@ -2,11 +2,20 @@
 
 Exports are imported lazily, so that ``optimum-cli`` (which imports our command module at start-up for
 every command) does not pay for torch unless a mAIHT command actually runs.
+
+The compact format is registered with transformers (:mod:`optimum_maiht.quantizer`) when transformers
+loads ``transformers.modeling_utils`` (every ``from_pretrained`` of a model does), or now if it already
+has: after ``import optimum_maiht``, ``AutoModelForCausalLM.from_pretrained`` loads compact folders, and
+the import itself stays cheap (an import hook, no transformers).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import logging
+import sys
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -52,3 +61,47 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_LAZY))
+
+
+_TRIGGER = "transformers.modeling_utils"
+
+
+class _RegisterWithTransformers:
+    """Imports :mod:`optimum_maiht.quantizer` (which registers the compact format) right after
+    ``transformers.modeling_utils`` has been executed, once (a meta path finder; not derived from
+    ``importlib.abc.MetaPathFinder``, whose import alone costs ~70 ms)."""
+
+    def find_spec(self, fullname: str, path: Any, target: ModuleType | None = None) -> Any:
+        if fullname != _TRIGGER:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_module(module: ModuleType) -> None:
+            run(module)
+            _register()
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _register() -> None:
+    """Import the quantizer module; a failure there must not break transformers for everyone else."""
+    try:
+        importlib.import_module(".quantizer", __name__)
+    except Exception as err:  # reported, never raised into transformers' import
+        logging.getLogger(__name__).warning(
+            "optimum_maiht could not register its compact format with transformers (%s: %s); compact folders "
+            "will not load with AutoModelForCausalLM",
+            type(err).__name__,
+            err,
+        )
+
+
+if _TRIGGER in sys.modules:
+    _register()
+elif not any(isinstance(finder, _RegisterWithTransformers) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterWithTransformers())

@@ -29,30 +29,29 @@ a negative zero (pruning by multiplying with a mask leaves ``-0.0``) comes back 
 ``torch.equal`` and in every product and sum. Everything else (embeddings, norms, biases, dense layers)
 is stored as usual, a tensor tied to another one is written once, and the shards are cut with
 ``huggingface_hub.split_torch_state_dict_into_shards`` like transformers does. The shards and their index
-have their own names (``COMPRESSED_WEIGHTS_NAME``, ``COMPRESSED_INDEX_NAME``), and ``config.json`` names
-an invalid ``transformers_weights`` file whose text says to use
-:class:`optimum_maiht.MAIHTModelForCausalLM`: a plain ``AutoModelForCausalLM`` refuses the folder with
-that message (older transformers: "no file named model.safetensors") instead of loading random weights.
+have their own names (``COMPRESSED_WEIGHTS_NAME``, ``COMPRESSED_INDEX_NAME``). ``config.json`` carries a
+``quantization_config`` of our own method, which :mod:`optimum_maiht.quantizer` registers with
+transformers (``AutoModelForCausalLM`` then loads the folder), and an invalid ``transformers_weights``
+file whose text names this package: without it, transformers refuses the folder with that message instead
+of loading random weights. Reading (checked against the model first): :mod:`optimum_maiht.compressed_loading`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from .constants import CONFIG_ANNOTATION_KEY
 from .model_utils import is_conv1d
+from .sparse_encoding import compress_nm, compress_unstructured
 from .writer import ModelWeights, WeightSource, segment_of, segments, write_shards
 from .writer import write_index as write_index_file
 
@@ -71,190 +70,24 @@ _EXPERTS_VERSION = 2
 COMPRESSED_WEIGHTS_PATTERN = "model-compressed{suffix}.safetensors"
 COMPRESSED_WEIGHTS_NAME = COMPRESSED_WEIGHTS_PATTERN.format(suffix="")
 COMPRESSED_INDEX_NAME = COMPRESSED_WEIGHTS_NAME + ".index.json"
+HINT_START = "this folder holds an optimum-maiht compressed sparse checkpoint"
 LOADER_HINT = (
-    f"this folder holds an optimum-maiht compressed sparse checkpoint ({COMPRESSED_INDEX_NAME}); "
-    "load it with optimum_maiht.MAIHTModelForCausalLM.from_pretrained(...) (pip install optimum-maiht)"
+    f"{HINT_START} ({COMPRESSED_INDEX_NAME}): pip install optimum-maiht and import optimum_maiht before "
+    "transformers' AutoModelForCausalLM.from_pretrained(...), or load it with "
+    "optimum_maiht.MAIHTModelForCausalLM.from_pretrained(...)"
 )
-"""Stored as ``transformers_weights`` in ``config.json``: transformers rejects the value (it is not a
-``.safetensors`` name) with an error that quotes it, before it reads any weight."""
+"""Stored as ``transformers_weights`` in ``config.json``. With optimum-maiht imported, its quantizer
+(:mod:`optimum_maiht.quantizer`) points transformers at the index instead; without it, transformers skips
+the unknown ``quantization_config`` and rejects this value (it is not a ``.safetensors`` name) with an
+error that quotes it, before it reads any weight."""
+QUANT_METHOD = "maiht"
+"""``quantization_config.quant_method`` of a compressed folder: transformers' registry key of our format."""
 
-_INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-_SUFFIXES = {
-    "bitmask": ("compressed", "bitmask", "row_offsets", "shape"),
-    "n:m": ("compressed", "bitmask", "shape"),
-}
-_CORRUPTED = "the checkpoint is corrupted: save or download it again"
+CORRUPTED_HINT = "the checkpoint is corrupted: save or download it again"
 
 
 class CompressedCheckpointError(ValueError):
     """A compressed checkpoint is incomplete, inconsistent or damaged."""
-
-
-# --------------------------------------------------------------------------------------------------
-# one tensor (numpy does the masking and bit packing: several times faster than torch on CPU)
-
-
-def pack_bitmask(mask: Tensor) -> Tensor:
-    """Pack a bool ``[rows, cols]`` mask into uint8 ``[rows, ceil(cols / 8)]``, little bit order."""
-    return torch.from_numpy(np.packbits(mask.cpu().numpy(), axis=1, bitorder="little"))
-
-
-def unpack_bitmask(packed: Tensor, cols: int) -> Tensor:
-    """Inverse of :func:`pack_bitmask`: a bool ``[rows, cols]`` mask."""
-    return torch.from_numpy(_unpack(packed, cols))
-
-
-def _unpack(packed: Tensor, cols: int) -> np.ndarray:
-    return np.unpackbits(packed.numpy(), axis=1, count=cols, bitorder="little").view(bool)
-
-
-def _bits(tensor: Tensor) -> np.ndarray:
-    """The tensor's raw bits as a numpy integer array (numpy has no bfloat16)."""
-    return tensor.contiguous().view(_INT_VIEW[tensor.element_size()]).numpy()
-
-
-def _kept(weight: Tensor) -> np.ndarray:
-    """Where the weight is not zero (``+0.0`` and ``-0.0`` are zeros, NaN is kept), as numpy bools."""
-    if not weight.is_floating_point():
-        raise TypeError(f"only floating point weights can be compressed, got {weight.dtype}")
-    return (weight != 0).numpy()
-
-
-def _as_rows(weight: Tensor) -> Tensor:
-    """A 2-D weight as it is; a 3-D stack ``(E, a, b)`` as one ``(E * a, b)`` matrix (the experts' rows in
-    order), detached, on the CPU and contiguous."""
-    if weight.dim() not in (2, 3):
-        raise ValueError(f"expected a 2-D weight or a 3-D stack of experts, got shape {tuple(weight.shape)}")
-    weight = weight.detach().cpu().contiguous()
-    return weight.reshape(-1, weight.shape[-1]) if weight.dim() == 3 else weight
-
-
-def compress_unstructured(weight: Tensor) -> dict[str, Tensor]:
-    """Bitmask encoding of a 2-D weight, or of a 3-D stack ``(E, a, b)`` as ``E * a`` rows, in its own
-    layout (suffix -> tensor); ``shape`` is the weight's whole shape."""
-    rows = _as_rows(weight)
-    mask = _kept(rows)
-    counts = mask.sum(1, dtype=np.int64)
-    values = torch.from_numpy(_bits(rows)[mask]).view(rows.dtype)
-    return {
-        "compressed": values,
-        "bitmask": torch.from_numpy(np.packbits(mask, axis=1, bitorder="little")),
-        "row_offsets": torch.from_numpy(np.cumsum(counts) - counts),
-        "shape": torch.tensor(weight.shape, dtype=torch.int64),
-    }
-
-
-def compress_nm(weight: Tensor, n: int, m: int, name: str = "weight") -> dict[str, Tensor]:
-    """N:M encoding of an (out, in) weight, or of a stack of E such matrices ``(E, out, in)``: exactly N
-    values per group of M consecutive input weights and the packed positions.
-
-    A group with fewer than N nonzeros is padded with its first zeros; a group with more is an error that
-    names the weight (and, for a stack, the expert). The caller passes the (out, in) view: a ``Conv1D``
-    weight or (in, out) expert slices are transposed first.
-    """
-    rows = _as_rows(weight)
-    height, inp = rows.shape
-    if inp % m:
-        raise ValueError(
-            f"{name}: input size {inp} is not a multiple of M={m}; "
-            "declare it unstructured (None) in sparse_layers"
-        )
-    mask = _kept(rows).reshape(height, inp // m, m)
-    counts = mask.sum(-1)
-    worst = int(counts.max()) if counts.size else 0
-    if worst > n:
-        raise ValueError(_crowded_group_message(name, weight, counts, n, m, worst))
-    if counts.size and int(counts.min()) < n:
-        zeros = ~mask
-        mask |= zeros & (np.cumsum(zeros, -1) <= (n - counts)[..., None])
-    mask = mask.reshape(height, inp)
-    values = torch.from_numpy(_bits(rows)[mask].reshape(height, inp // m * n)).view(rows.dtype)
-    return {
-        "compressed": values,
-        "bitmask": torch.from_numpy(np.packbits(mask, axis=1, bitorder="little")),
-        "shape": torch.tensor(weight.shape, dtype=torch.int64),
-    }
-
-
-def _crowded_group_message(name: str, weight: Tensor, counts: np.ndarray, n: int, m: int, worst: int) -> str:
-    """The error for a weight with a group of M input weights holding more than N nonzeros."""
-    where = ""
-    if weight.dim() == 3:  # a stack of experts: say which one, and how (in, out) slices are declared
-        row = int(np.argmax((counts > n).any(-1)))
-        where = (
-            f" (expert {row // weight.shape[1]}; fused expert slices stored (in, out) must be named in "
-            "save_compressed's transposed)"
-        )
-    return (
-        f"{name} is not {n}:{m} sparse: a group of {m} input weights has {worst} nonzeros{where}; "
-        "declare it unstructured (None) in sparse_layers or check the pruning pattern"
-    )
-
-
-def decompress(name: str, info: dict[str, Any], tensors: dict[str, Tensor]) -> Tensor:
-    """Rebuild the dense weight ``name`` (2-D, or a 3-D stack of experts) from its stored tensors and its
-    index entry, checking that they fit together; :class:`CompressedCheckpointError` where they do not."""
-    shape = _stored_shape(name, tensors["shape"], tensors["bitmask"])
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    values = tensors["compressed"]
-    if str(values.dtype).removeprefix("torch.") != info.get("dtype"):
-        raise CompressedCheckpointError(
-            f"{name}: stored values are {values.dtype}, the index says {info.get('dtype')}; {_CORRUPTED}"
-        )
-    mask = _unpack(tensors["bitmask"], cols)
-    if info["encoding"] == "n:m":
-        _check_nm_positions(name, info, values, mask, shape)
-    else:
-        _check_row_offsets(name, values, mask, tensors["row_offsets"])
-    bits = _bits(values)
-    dense = np.zeros((rows, cols), dtype=bits.dtype)
-    dense[mask] = bits.reshape(-1)
-    weight = torch.from_numpy(dense).view(values.dtype).reshape(shape)
-    return weight.transpose(-1, -2).contiguous() if info.get("transposed") else weight
-
-
-def _stored_shape(name: str, shape: Tensor, packed: Tensor) -> list[int]:
-    """The weight's shape from its ``shape`` tensor (2 or 3 entries), checked against the bitmask's."""
-    dims = shape.tolist() if shape.dim() == 1 and not shape.is_floating_point() else []
-    rows = math.prod(dims[:-1]) if dims else 0
-    fits = (
-        len(dims) in (2, 3)
-        and min(dims) >= 0
-        and packed.dtype == torch.uint8
-        and tuple(packed.shape) == (rows, -(-dims[-1] // 8))
-    )
-    if not fits:
-        raise CompressedCheckpointError(
-            f"{name}: bitmask of shape {tuple(packed.shape)} does not match the weight shape "
-            f"{shape.tolist()}; {_CORRUPTED}"
-        )
-    return dims
-
-
-def _check_nm_positions(
-    name: str, info: dict[str, Any], values: Tensor, mask: np.ndarray, shape: list[int]
-) -> None:
-    """N:M: the values hold N per group of M and every group of the bitmask has exactly N bits set."""
-    n, m = info["n"], info["m"]
-    rows, cols = math.prod(shape[:-1]), shape[-1]
-    fits = cols % m == 0 and tuple(values.shape) == (rows, cols // m * n)
-    if not fits or not (mask.reshape(rows, -1, m).sum(-1) == n).all():
-        raise CompressedCheckpointError(
-            f"{name}: the stored {n}:{m} positions or values (shape {tuple(values.shape)}) do not fit the "
-            f"shape {shape}; {_CORRUPTED}"
-        )
-
-
-def _check_row_offsets(name: str, values: Tensor, mask: np.ndarray, row_offsets: Tensor) -> None:
-    """Unstructured: one stored value per set bit, and each row's offset where its values start."""
-    counts = mask.sum(1, dtype=np.int64)
-    kept = int(counts.sum())
-    starts = np.cumsum(counts) - counts
-    if values.dim() != 1 or values.numel() != kept or not np.array_equal(row_offsets, starts):
-        raise CompressedCheckpointError(
-            f"{name}: {values.numel()} stored values and the row offsets do not match the bitmask "
-            f"({kept} kept weights); {_CORRUPTED}"
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -483,7 +316,7 @@ def _plan_targets(
         if pattern is None:
             targets[name] = _Target(None)
             continue
-        in_out = name in flipped if tensor.dim() == 3 else _is_conv1d_weight(model, name)
+        in_out = name in flipped if tensor.dim() == 3 else is_conv1d_weight(model, name)
         targets[name] = _Target(_check_pattern(name, pattern), in_out)
     return targets
 
@@ -510,7 +343,7 @@ def _check_transposed(
     return flipped
 
 
-def _is_conv1d_weight(model: nn.Module, name: str) -> bool:
+def is_conv1d_weight(model: nn.Module, name: str) -> bool:
     """Whether the weight ``name`` belongs to a ``Conv1D`` (stored (in, out): transposed for N:M)."""
     try:
         module = model.get_submodule(name.rsplit(".", 1)[0] if "." in name else "")
@@ -594,147 +427,13 @@ def write_index(
 
 
 def write_configs(model: nn.Module, folder: Path) -> None:
-    """``config.json`` with the ``transformers_weights`` marker, and ``generation_config.json``."""
+    """``config.json`` with our ``quantization_config`` and the ``transformers_weights`` marker (both
+    explained at :data:`LOADER_HINT`), and ``generation_config.json``."""
     model.config.save_pretrained(folder)
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     config["transformers_weights"] = LOADER_HINT
+    config["quantization_config"] = {"quant_method": QUANT_METHOD}
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if getattr(model, "generation_config", None) is not None and model.can_generate():
         model.generation_config.save_pretrained(folder)
-
-
-# --------------------------------------------------------------------------------------------------
-# reading
-
-
-def is_compressed_config(config: dict[str, Any]) -> bool:
-    """Whether a parsed ``config.json`` describes a compressed checkpoint."""
-    annotation = config.get(CONFIG_ANNOTATION_KEY)
-    return config.get("transformers_weights") == LOADER_HINT or (
-        isinstance(annotation, dict) and annotation.get("format") == "compressed"
-    )
-
-
-def is_compressed_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a compressed checkpoint (its index, or a ``config.json`` that says so)."""
-    folder = Path(folder)
-    if (folder / COMPRESSED_INDEX_NAME).is_file():
-        return True
-    try:
-        return is_compressed_config(json.loads((folder / "config.json").read_text()))
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
-
-
-def read_index(folder: str | Path) -> dict[str, Any]:
-    """The compressed checkpoint's index, checked for format, version and well-formed entries, so that a
-    damaged index is reported before any shard is read."""
-    path = Path(folder) / COMPRESSED_INDEX_NAME
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{folder} has no {COMPRESSED_INDEX_NAME}: it is not a complete optimum-maiht compressed "
-            "checkpoint; copy or download the whole folder"
-        )
-    try:
-        index = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CompressedCheckpointError(f"{path} is not valid JSON ({err}); {_CORRUPTED}") from None
-    metadata = index.get("metadata") if isinstance(index, dict) else None
-    if not isinstance(metadata, dict) or not isinstance(index.get("weight_map"), dict):
-        raise CompressedCheckpointError(f"{path} lacks 'metadata' or 'weight_map'; {_CORRUPTED}")
-    if metadata.get("maiht_format") != MAIHT_FORMAT or not isinstance(metadata.get("layers"), dict):
-        raise CompressedCheckpointError(
-            f"{path} is not an optimum-maiht compressed index "
-            f"(maiht_format={metadata.get('maiht_format')!r}); {_CORRUPTED}"
-        )
-    version = metadata.get("maiht_format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CompressedCheckpointError(
-            f"{path} has maiht_format_version={version!r}; this optimum-maiht reads up to "
-            f"{FORMAT_VERSION}: pip install -U optimum-maiht"
-        )
-    for name, info in metadata["layers"].items():
-        _check_layer_entry(name, info)
-    tied = metadata.get("tied", {})
-    if not isinstance(tied, dict) or not all(isinstance(v, str) for v in tied.values()):
-        raise CompressedCheckpointError(f"{path}: 'tied' must map names to names; {_CORRUPTED}")
-    return index
-
-
-def _check_layer_entry(name: str, info: Any) -> None:
-    """One ``layers`` entry of the index: a known encoding, a dtype name and, for N:M, ``0 < n < m``."""
-    if not isinstance(info, dict) or info.get("encoding") not in _SUFFIXES:
-        encoding = info.get("encoding") if isinstance(info, dict) else info
-        raise CompressedCheckpointError(f"{name}: unknown encoding {encoding!r}; {_CORRUPTED}")
-    if info["encoding"] == "n:m":
-        n, m = info.get("n"), info.get("m")
-        if not (isinstance(n, int) and isinstance(m, int) and 0 < n < m):
-            raise CompressedCheckpointError(f"{name}: invalid N:M pattern n={n!r}, m={m!r}; {_CORRUPTED}")
-
-
-def load_compressed_state_dict(folder: str | Path) -> dict[str, Tensor]:
-    """Read a compressed checkpoint back into dense CPU tensors, exactly as saved (``-0.0`` as ``+0.0``).
-
-    Tied aliases are included (the same tensor under both names), so ``model.load_state_dict(sd)`` works
-    strictly.
-    """
-    folder = Path(folder)
-    index = read_index(folder)
-    metadata = index["metadata"]
-    stored = _read_shards(folder, index["weight_map"])
-    state_dict = _decompress_layers(metadata["layers"], stored)
-    state_dict.update(stored)  # the tensors stored as they are
-    _restore_tied(state_dict, metadata.get("tied", {}))
-    return state_dict
-
-
-def _read_shards(folder: Path, weight_map: dict[str, str]) -> dict[str, Tensor]:
-    """Every tensor the index lists, read from its shard; a missing, foreign or damaged shard, or one that
-    lacks a listed tensor, is reported with the file's name."""
-    stored: dict[str, Tensor] = {}
-    for filename in sorted(set(weight_map.values())):
-        path = folder / filename
-        if not path.is_file():
-            raise FileNotFoundError(
-                f"{path} is missing although {COMPRESSED_INDEX_NAME} lists it: the compressed checkpoint is "
-                "incomplete; copy or download the whole folder"
-            )
-        expected = {n for n, f in weight_map.items() if f == filename}
-        try:
-            with safe_open(str(path), framework="pt") as shard:
-                if (shard.metadata() or {}).get("maiht_format") != MAIHT_FORMAT:
-                    raise CompressedCheckpointError(
-                        f"{path} is not an optimum-maiht compressed shard; {_CORRUPTED}"
-                    )
-                absent = sorted(expected - set(shard.keys()))
-                if absent:
-                    raise CompressedCheckpointError(
-                        f"{path} lacks tensors {absent[:5]} listed in {COMPRESSED_INDEX_NAME}; {_CORRUPTED}"
-                    )
-                stored.update({n: shard.get_tensor(n) for n in expected})
-        except SafetensorError as err:
-            raise CompressedCheckpointError(
-                f"{path} cannot be read ({err}): the file is damaged or truncated; {_CORRUPTED}"
-            ) from None
-    return stored
-
-
-def _decompress_layers(layers: dict[str, dict[str, Any]], stored: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The dense pruned weights; their parts are taken out of ``stored`` (what is left is stored dense)."""
-    state_dict: dict[str, Tensor] = {}
-    for name, info in layers.items():
-        suffixes = _SUFFIXES[info["encoding"]]
-        missing = [s for s in suffixes if f"{name}.{s}" not in stored]
-        if missing:
-            raise CompressedCheckpointError(f"{name}: stored tensors {missing} are missing; {_CORRUPTED}")
-        state_dict[name] = decompress(name, info, {s: stored.pop(f"{name}.{s}") for s in suffixes})
-    return state_dict
-
-
-def _restore_tied(state_dict: dict[str, Tensor], tied: dict[str, str]) -> None:
-    """Put each tied alias back as the same tensor as its source."""
-    for alias, source in tied.items():
-        if source not in state_dict:
-            raise CompressedCheckpointError(f"{alias} is tied to {source}, which is not stored; {_CORRUPTED}")
-        state_dict[alias] = state_dict[source]

@@ -11,8 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from .constants import CONFIG_NAME, SOLVER_NAMES
+from .files import read_json
 
-_PATTERN = re.compile(r"^(\d+):(\d+)$")
+_PATTERN = re.compile(r"([0-9]+):([0-9]+)")
+MAX_GROUP = 1024
+"""Largest M of an N:M pattern (the compact format's limit too)."""
 
 # lm_head and embeddings stay dense (tied weights!); MoE routers ("mlp.gate", "mlp.router") and the
 # one-output gate of a shared expert are tiny and decide where every token goes.
@@ -22,36 +25,94 @@ DEFAULT_IGNORE = [r"(^|\.)lm_head$", r"embed", r"(^|\.)(gate|router|shared_exper
 # Validation tables, checked in this order by MAIHTConfig.__post_init__ (after pattern and sparsity).
 # A new field of one of these kinds needs one line here.
 _CHOICES = {"solver": SOLVER_NAMES, "scope": ("row", "layer"), "formulation": ("constraint", "penalty")}
-_INTEGERS = {  # field: (smallest allowed value, whether None is allowed)
-    "iterations": (0, False),
-    "refit_iterations": (0, False),
-    "num_samples": (1, False),
-    "sequence_length": (2, False),
-    "batch_size": (1, False),
-    "seed": (0, False),
-    "min_expert_tokens": (0, False),
-    "experts_per_pass": (1, True),
-    "reconstruction_epochs": (0, False),
-    "reconstruction_batch_size": (1, False),
+# field: (smallest, largest allowed value, whether None is allowed). The largest values are far beyond any
+# useful run; they stop a value from a downloaded maiht_config.json (or a typo) from running for days,
+# overflowing a generator seed or allocating without bound.
+_INTEGERS = {
+    "iterations": (0, 10_000, False),
+    "refit_iterations": (0, 10_000, False),
+    "num_samples": (1, 1_000_000, False),
+    "sequence_length": (2, 2**20, False),
+    "batch_size": (1, 65_536, False),
+    "seed": (0, 2**32 - 1, False),
+    "min_expert_tokens": (0, 2**31 - 1, False),
+    "experts_per_pass": (1, 1_000_000, True),
+    "reconstruction_epochs": (0, 1_000, False),
+    "reconstruction_batch_size": (1, 65_536, False),
 }
+MAX_RIDGE = 1e6
 _REGEX_LISTS = ("targets", "ignore")
+MAX_PATTERNS = 256
+MAX_PATTERN_CHARS = 1000
+PROBE_NAMES = (
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.11.mlp.experts.gate_up_proj",
+    "transformer.h.3.attn.c_attn",
+    "model.decoder.layers.0.self_attn_layer_norm_extra_long_module_name",
+)
+"""Module names every pattern is tried on when the config is built: a pattern whose matching explodes
+(catastrophic backtracking) is refused there, before any model is loaded."""
+MATCH_TIMEOUT = 0.1
+"""Seconds one regex search may take (the ``regex`` engine's own time limit; it overshoots by up to about
+8x under load, so one search ends within a second)."""
+
+
+MAX_CONFIG_BYTES = 2**20
+"""Largest ``maiht_config.json`` read (ours are under 2 KB)."""
+
+
+def _shown(value: Any) -> str:
+    """``value`` for an error message: its repr cut to 60 characters (a huge integer by its size)."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _is_number(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float))
 
 
+def search(pattern: str, name: str, field_name: str) -> bool:
+    """Whether ``pattern`` matches ``name`` (``re.search`` semantics), within :data:`MATCH_TIMEOUT`.
+
+    The ``regex`` package (a transformers dependency, ``re``-compatible syntax) is used for its time limit:
+    a pattern from a file or a flag cannot hang the run. A pattern that times out is a ``ValueError``
+    naming the field and the pattern.
+    """
+    import regex
+
+    try:
+        return regex.search(pattern, name, timeout=MATCH_TIMEOUT) is not None
+    except TimeoutError:
+        raise ValueError(
+            f"{field_name} pattern {pattern!r} takes more than {MATCH_TIMEOUT} s to match the module name "
+            f"{name!r} (catastrophic backtracking, e.g. nested or overlapping repeats such as '(a|aa)+'); "
+            "simplify it"
+        ) from None
+
+
 def _regex_list(name: str, value: Any) -> list[str]:
-    """``value`` as a list of regular expressions (a single string is a list of one), each checked."""
+    """``value`` as a list of regular expressions (a single string is a list of one), each compiled and
+    tried on :data:`PROBE_NAMES`."""
+    import regex
+
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ValueError(f"{name} must be a list of regular expressions, got {value!r}")
-    for regex in value:
+    if len(value) > MAX_PATTERNS or any(len(v) > MAX_PATTERN_CHARS for v in value):
+        raise ValueError(
+            f"{name} holds {len(value)} patterns of up to {max(map(len, value))} characters; the limits are "
+            f"{MAX_PATTERNS} patterns of {MAX_PATTERN_CHARS} characters"
+        )
+    for pattern in value:
         try:
-            re.compile(regex)
-        except re.error as err:
-            raise ValueError(f"{name} has an invalid regular expression {regex!r}: {err}") from None
+            regex.compile(pattern)
+        except regex.error as err:
+            raise ValueError(f"{name} has an invalid regular expression {pattern!r}: {err}") from None
+        for probe in PROBE_NAMES:
+            search(pattern, probe, name)
     return list(value)
 
 
@@ -146,13 +207,18 @@ class MAIHTConfig:
         self._check_layer_sparsity(nm)
 
     def _check_pattern_and_sparsity(self) -> tuple[int, int] | None:
-        """Parse ``pattern``; default ``sparsity`` to 0.5 or the pattern's ``1 - N/M``, and check it."""
-        nm = self._parse_pattern(self.pattern)
+        """Parse ``pattern`` (surrounding spaces dropped, stored as ``"N:M"`` or ``"unstructured"``);
+        default ``sparsity`` to 0.5 or the pattern's ``1 - N/M``, and check it."""
+        if isinstance(self.pattern, str) and self.pattern.strip().lower() == "unstructured":
+            self.pattern = "unstructured"
+        nm = self._parse_pattern(self.pattern.strip() if isinstance(self.pattern, str) else self.pattern)
+        if nm is not None:
+            self.pattern = f"{nm[0]}:{nm[1]}"
         implied = None if nm is None else 1.0 - nm[0] / nm[1]
         if self.sparsity is None:
             self.sparsity = 0.5 if implied is None else implied
         if not _is_number(self.sparsity):
-            raise ValueError(f"sparsity must be a number in (0, 1), got {self.sparsity!r}")
+            raise ValueError(f"sparsity must be a number in (0, 1), got {_shown(self.sparsity)}")
         self.sparsity = float(self.sparsity)
         if not 0.0 < self.sparsity < 1.0:
             raise ValueError(f"sparsity must be in (0, 1), got {self.sparsity}; e.g. sparsity=0.5")
@@ -172,22 +238,22 @@ class MAIHTConfig:
             raise ValueError("formulation='penalty' applies to pattern='unstructured' only")
 
     def _check_integers(self) -> None:
-        for name, (low, none_allowed) in _INTEGERS.items():
+        for name, (low, high, none_allowed) in _INTEGERS.items():
             value = getattr(self, name)
             if value is None and none_allowed:
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high:,}, got {_shown(value)}")
 
     def _check_ridge(self) -> None:
-        if not _is_number(self.ridge) or not self.ridge >= 0:  # "not >=" also rejects NaN
-            raise ValueError(f"ridge must be a number >= 0, got {self.ridge!r}")
+        if not _is_number(self.ridge) or not 0 <= self.ridge <= MAX_RIDGE:  # also rejects NaN
+            raise ValueError(f"ridge must be a number from 0 to {MAX_RIDGE:g}, got {_shown(self.ridge)}")
         self.ridge = float(self.ridge)
 
     def _check_reconstruction(self) -> None:
         lr, holdout = self.reconstruction_lr, self.reconstruction_holdout
-        if not _is_number(lr) or not 0 < lr < float("inf"):
-            raise ValueError(f"reconstruction_lr must be a finite number > 0, got {lr!r}; e.g. 1e-3")
+        if not _is_number(lr) or not 0 < lr < float("inf"):  # a large rate diverges, which the refit detects
+            raise ValueError(f"reconstruction_lr must be a finite number > 0, got {_shown(lr)}; e.g. 1e-3")
         if not _is_number(holdout) or not 0 < holdout < 1:
             raise ValueError(
                 f"reconstruction_holdout must be a share in (0, 1) of the calibration batches, got "
@@ -224,10 +290,11 @@ class MAIHTConfig:
     def _parse_pattern(pattern: Any) -> tuple[int, int] | None:
         if pattern == "unstructured":
             return None
-        match = _PATTERN.match(pattern) if isinstance(pattern, str) else None
-        if match is None or not 0 < int(match[1]) < int(match[2]):
+        match = _PATTERN.fullmatch(pattern) if isinstance(pattern, str) else None
+        if match is None or not 0 < int(match[1]) < int(match[2]) <= MAX_GROUP:
             raise ValueError(
-                f"pattern must be 'unstructured' or 'N:M' with 0 < N < M (e.g. '2:4', '4:8'), got {pattern!r}"
+                f"pattern must be 'unstructured' or 'N:M' with 0 < N < M <= {MAX_GROUP} (e.g. '2:4', '4:8'), "
+                f"got {_shown(pattern)}"
             )
         return int(match[1]), int(match[2])
 
@@ -241,6 +308,10 @@ class MAIHTConfig:
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> MAIHTConfig:
+        if not isinstance(config_dict, dict):
+            raise ValueError(
+                f"a MAIHTConfig is built from a dict of fields, got {type(config_dict).__name__}"
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config_dict) - known)
         if unknown:
@@ -271,8 +342,8 @@ class MAIHTConfig:
             from huggingface_hub import hf_hub_download
 
             file = Path(hf_hub_download(str(pretrained), CONFIG_NAME, **hub_kwargs))
+        data = read_json(file, what=CONFIG_NAME, max_bytes=MAX_CONFIG_BYTES)
         try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{file} is not valid JSON: {err}") from None
-        return cls.from_dict(data)
+            return cls.from_dict(data)
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None

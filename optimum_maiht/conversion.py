@@ -40,7 +40,6 @@ fused expert weight then peaks at about twice its size (the stacked experts and 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from copy import deepcopy
@@ -48,7 +47,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 from transformers import PreTrainedModel
 from transformers.conversion_mapping import get_model_conversion_mapping
@@ -61,6 +59,8 @@ from transformers.core_model_loading import (
     revert_weight_conversion,
 )
 from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+from .files import read_safetensors_header, read_weight_map, resolve_inside
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ SAFETENSORS_DTYPES = {
     "BOOL": torch.bool,
 }
 """The safetensors dtypes a model weight can be stored in (8-bit floats and the like need a quantizer)."""
+INDEX_NAME = "model.safetensors.index.json"
 MAX_NAME_LENGTH = 1024
 """A longer tensor name in a header is refused (names go through transformers' regular expressions)."""
 
@@ -102,44 +103,40 @@ class SourceTensor:
 
 def read_headers(folder: str | Path) -> dict[str, SourceTensor]:
     """Every tensor of a safetensors checkpoint folder (``model.safetensors.index.json`` or
-    ``model.safetensors``), from the files' headers only. The index may only name files inside the folder,
-    and each tensor must be in the file the index says, once."""
+    ``model.safetensors``), from the files' headers only (bounded reads, :mod:`optimum_maiht.files`). The
+    index may only name files inside the folder (``files.read_weight_map``), and each tensor must be in
+    the file the index says, once."""
     folder = Path(folder)
-    index = folder / "model.safetensors.index.json"
-    weight_map: dict[str, str] | None = None
-    if index.is_file():
-        data = json.loads(index.read_text())
-        weight_map = data.get("weight_map") if isinstance(data, dict) else None
-        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise CheckpointMismatchError(f"{index}: 'weight_map' is not a mapping of tensor names to files")
+    if (folder / INDEX_NAME).is_file():
+        weight_map: dict[str, Path] | None = read_weight_map(folder, INDEX_NAME)
         files = sorted(set(weight_map.values()))
     elif (folder / "model.safetensors").is_file():
-        files = ["model.safetensors"]
+        weight_map, files = None, [resolve_inside(folder, "model.safetensors", what="weights file")]
     else:
-        raise FileNotFoundError(f"{folder} has no model.safetensors or model.safetensors.index.json")
+        raise FileNotFoundError(f"{folder} has no model.safetensors or {INDEX_NAME}")
     sources: dict[str, SourceTensor] = {}
-    for file in files:
-        path = folder / file
-        if Path(file).name != file or file.startswith(".") or not path.is_file():
-            raise CheckpointMismatchError(f"{index}: {file!r} is not a file in {folder}")
+    for path in files:
+        if not path.is_file():
+            raise CheckpointMismatchError(f"{folder / INDEX_NAME}: {path.name!r} is not a file in {folder}")
         sources.update(_file_header(path, sources))
-    if weight_map is not None:
-        for name, file in weight_map.items():
-            if name not in sources or sources[name].file.name != file:
-                raise CheckpointMismatchError(f"{index} puts {name} in {file}, which does not hold it")
+    for name, path in (weight_map or {}).items():
+        if name not in sources or sources[name].file != path:
+            raise CheckpointMismatchError(
+                f"{folder / INDEX_NAME} puts {name} in {path.name}, which does not hold it"
+            )
     return sources
 
 
 def _file_header(path: Path, seen: Mapping[str, SourceTensor]) -> dict[str, SourceTensor]:
     found = {}
-    with safe_open(str(path), framework="pt") as handle:
-        for name in handle.keys():
-            if len(name) > MAX_NAME_LENGTH:
-                raise CheckpointMismatchError(f"{path}: a tensor name of {len(name)} characters")
-            if name in seen:
-                raise CheckpointMismatchError(f"{name} is in both {seen[name].file} and {path}")
-            piece = handle.get_slice(name)
-            found[name] = SourceTensor(path, tuple(piece.get_shape()), piece.get_dtype())
+    for name, entry in read_safetensors_header(path).items():
+        if name == "__metadata__":
+            continue
+        if len(name) > MAX_NAME_LENGTH:
+            raise CheckpointMismatchError(f"{path}: a tensor name of {len(name)} characters")
+        if name in seen:
+            raise CheckpointMismatchError(f"{name} is in both {seen[name].file} and {path}")
+        found[name] = SourceTensor(path, tuple(entry["shape"]), entry["dtype"])
     return found
 
 

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from .constants import DEFAULT_EVAL_TEXT
 from .data import (
+    CHARS_PER_WINDOW_TOKEN,
     CalibrationData,
     calibration_text,
     describe_data,
@@ -37,6 +38,11 @@ def context_length(model: nn.Module) -> int | None:
 
 MAX_DEFAULT_SEQUENCE_LENGTH = 2048
 """The papers' cap on the perplexity window (SparseGPT, Wanda: 2048 for LLaMA-1, 4096 for LLaMA-2)."""
+LOGITS_BYTES = 512 * 2**20
+"""Most bytes of logits one forward pass of :func:`perplexity` may return: as many windows per pass as fit
+(at least one, at most ``batch_size``). One 2048-token window of a 49k vocabulary is 0.4 GB in float32."""
+LOSS_CHUNK_BYTES = 64 * 2**20
+"""Float32 log-probabilities computed at once: the loss runs over a window's tokens in chunks this size."""
 
 
 def default_sequence_length(model: nn.Module) -> int:
@@ -181,7 +187,8 @@ def perplexity_windows(
     max_windows: int | None,
 ) -> Tensor:
     """The ``LongTensor[n, sequence_length]`` windows :func:`perplexity` scores for ``data``."""
-    text = calibration_text(data)
+    budget = None if max_windows is None else CHARS_PER_WINDOW_TOKEN * max_windows * sequence_length
+    text = calibration_text(data, max_chars=budget)
     if isinstance(text, Tensor) and text.dim() == 2:
         check_sequence_length(model, text.shape[1])
         return text if max_windows is None else text[:max_windows]
@@ -197,21 +204,44 @@ def perplexity_windows(
 def _negative_log_likelihood(
     model: nn.Module, windows: Tensor, batch_size: int, device: torch.device, progress: bool
 ) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood over ``windows`` and the number of tokens predicted."""
+    """Summed next-token negative log-likelihood over ``windows`` and the number of tokens predicted.
+
+    Memory is bounded by the logits of one forward pass (:data:`LOGITS_BYTES`: after the first window,
+    as many windows per pass as fit, at most ``batch_size``) plus one chunk of float32 log-probabilities
+    (:func:`summed_nll`); the full float32 logits are never copied.
+    """
     nll, count = 0.0, 0
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for start in tqdm(range(0, windows.shape[0], batch_size), desc="perplexity", disable=not progress):
-            ids = windows[start : start + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-            )
-            nll += float(loss)
+    per_pass, start = 1, 0
+    with torch.no_grad(), tqdm(total=windows.shape[0], desc="perplexity", disable=not progress) as bar:
+        while start < windows.shape[0]:
+            ids = windows[start : start + per_pass].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits
+            nll += summed_nll(logits, ids)
             count += ids[:, 1:].numel()
+            start += ids.shape[0]
+            bar.update(ids.shape[0])
+            per_pass = max(1, min(batch_size, LOGITS_BYTES // max(1, logits[0].nbytes)))
+            del logits
     model.train(was_training)
     return nll, count
+
+
+def summed_nll(logits: Tensor, ids: Tensor) -> float:
+    """The summed negative log-likelihood of each next token of ``ids`` (batch, length) under
+    ``logits`` (batch, length, vocab), a chunk of tokens at a time in float32 (:data:`LOSS_CHUNK_BYTES`):
+    no float32 copy of the whole logits, no log-softmax of all of them at once."""
+    step = max(1, LOSS_CHUNK_BYTES // (4 * logits.shape[-1]))
+    total = 0.0
+    for row in range(logits.shape[0]):
+        for start in range(0, logits.shape[1] - 1, step):
+            end = min(start + step, logits.shape[1] - 1)
+            loss = nn.functional.cross_entropy(
+                logits[row, start:end].float(), ids[row, start + 1 : end + 1], reduction="sum"
+            )
+            total += float(loss)
+    return total
 
 
 def sparsity_by_layer_type(model: nn.Module) -> dict[str, float]:

@@ -5,19 +5,19 @@ Targets are of two kinds, both found generically (no list of model names): linea
 and transformers' ``Conv1D``, per-expert ``nn.Linear`` modules of older MoE code included) and fused
 mixture-of-experts parameters (3-D ``(num_experts, a, b)`` tensors of transformers 5, each expert slice its
 own linear problem). ``MAIHTConfig.targets`` / ``ignore`` select among them by regex on the full name (the
-module's name for a linear, the parameter's for a fused one). Every other matrix-shaped parameter inside
-the blocks is listed as kept dense with the reason, so that nothing is skipped silently.
+module's name for a linear, the parameter's for a fused one), each search time-limited. Every other
+matrix-shaped parameter inside the blocks is listed as kept dense with the reason, so that nothing is
+skipped silently.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
 
 from torch import nn
 
-from .configuration import MAIHTConfig
+from .configuration import MAIHTConfig, search
 from .experts import FusedExpertWeight, find_fused_experts
 from .model_utils import block_prefix, linear_types
 from .report import KeptDense
@@ -45,13 +45,14 @@ class BlockTargets:
         return {id(layer.weight) for layer in self.linears.values()} | {id(w.param) for w in self.experts}
 
 
-def matching(patterns: list[str], name: str) -> str | None:
-    """The first regex of ``patterns`` that ``re.search``-matches ``name``, or ``None``."""
-    return next((p for p in patterns if re.search(p, name)), None)
+def matching(patterns: list[str], name: str, field_name: str = "targets") -> str | None:
+    """The first regex of ``patterns`` (the config field ``field_name``) that ``re.search``-matches
+    ``name``, or ``None``; each search is time-limited (``configuration.search``)."""
+    return next((p for p in patterns if search(p, name, field_name)), None)
 
 
 def _wanted(config: MAIHTConfig, name: str) -> bool:
-    return matching(config.targets, name) is not None and matching(config.ignore, name) is None
+    return matching(config.targets, name) is not None and matching(config.ignore, name, "ignore") is None
 
 
 def find_targets(
@@ -120,7 +121,7 @@ def kept_dense_weights(
 
 def _dense_reason(owner: str, full: str, param: nn.Parameter, config: MAIHTConfig) -> str:
     """Why the parameter ``full`` (of module ``owner``) is not a target."""
-    ignored = matching(config.ignore, owner) or matching(config.ignore, full)
+    ignored = matching(config.ignore, owner, "ignore") or matching(config.ignore, full, "ignore")
     if ignored is not None:
         return f"ignored by the pattern {ignored!r}"
     if matching(config.targets, full if param.dim() == 3 else owner) is None:

@@ -25,7 +25,6 @@ from huggingface_hub import split_state_dict_into_shards_factory, split_torch_st
 from huggingface_hub.serialization import StateDictSplit
 from torch import Tensor, nn
 
-from .conversion import saved_state
 from .model_utils import find_decoder_blocks
 
 DTYPE_NAMES = {
@@ -68,7 +67,9 @@ class WeightSource(Protocol):
 
 
 class ModelWeights:
-    """The :class:`WeightSource` of a model held whole in memory."""
+    """The tensors of a model held whole in memory, by their state-dict names (what the compact format
+    reads; :class:`optimum_maiht.serialization.ModelInMemory` adds the layout ``save_pretrained``
+    writes)."""
 
     spill_folder = None
 
@@ -78,12 +79,6 @@ class ModelWeights:
 
     def read(self, names: list[str]) -> dict[str, Tensor]:
         return {name: self._state[name] for name in names}
-
-    def saved_layout(self) -> dict[str, Tensor]:
-        return saved_state(self.model)
-
-    def saved_segment(self, index: int | None) -> dict[str, Tensor]:
-        raise RuntimeError("a model in memory has no segment to read: its saved layout holds the tensors")
 
 
 def segment_of(model: nn.Module) -> Callable[[str], int | None]:

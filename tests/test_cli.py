@@ -440,8 +440,11 @@ def test_eval_bad_values_are_one_line_errors_naming_the_flag(
     [
         (["--eval-max-windows", "-2"], ["--eval-max-windows -2", "0 or more"]),
         (["--eval-sequence-length", "0"], ["--eval-sequence-length 0", "2 or more"]),
-        (["--batch-size", "0"], ["batch_size", ">= 1", "--batch-size"]),
-        (["--sequence-length", "1"], ["sequence_length", ">= 2", "--sequence-length"]),
+        (["--batch-size", "0"], ["batch_size", "from 1 to 65,536", "--batch-size"]),
+        (["--sequence-length", "1"], ["sequence_length", "from 2 to", "--sequence-length"]),
+        (["--iterations", "1000000000000"], ["iterations", "from 0 to 10,000", "--iterations"]),
+        (["--seed", "1" + "0" * 30], ["seed", "from 0 to 4,294,967,295", "--seed"]),
+        (["--targets", "(?:.|..)*(?<=Z)"], ["targets pattern", "catastrophic backtracking", "--targets"]),
         (["--model", "./missing-model"], ["--model", "not found", "missing-model"]),
     ],
 )
@@ -464,6 +467,22 @@ def test_non_empty_output_names_the_flags(
     )
     assert "--output" in line and "not empty" in line and "--overwrite" in line
     assert [p.name for p in tmp_path.iterdir()] == ["keep.txt"]
+
+
+@pytest.mark.parametrize("output", [".", "..", "{cwd}"])
+def test_the_current_folder_or_a_parent_is_never_an_output(
+    monkeypatch: pytest.MonkeyPatch, workdir: Path, tmp_path: Path, capsys, output: str
+):
+    """``--output . --overwrite`` used to replace (delete) the folder the command ran in."""
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "keep.txt").write_text("mine")
+    monkeypatch.chdir(here)
+    args = ["maiht", "prune", "--model", str(workdir / "tiny"), "--output", output.format(cwd=here)]
+    line = run_error(monkeypatch, capsys, *args, "--overwrite")
+    assert "--output" in line and "current folder or one of its parents" in line
+    assert [p.name for p in here.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
 
 
 def test_windows_longer_than_the_context_are_refused(

@@ -15,15 +15,12 @@ from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.compressed import (
     COMPRESSED_INDEX_NAME,
     CompressedCheckpointError,
-    compress_nm,
-    compress_unstructured,
-    decompress,
-    load_compressed_state_dict,
-    pack_bitmask,
     save_compressed,
-    unpack_bitmask,
 )
+from optimum_maiht.compressed_loading import decompress, layer_entry, load_compressed_state_dict
+from optimum_maiht.files import UnsafeFileError
 from optimum_maiht.modeling import MAIHTModelForCausalLM
+from optimum_maiht.sparse_encoding import compress_nm, compress_unstructured, pack_bitmask, unpack_bitmask
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -110,13 +107,49 @@ def test_compressed_folder_is_at_most_060_of_dense(tmp_path, dtype, pattern):
     assert_same_model(model, MAIHTModelForCausalLM.from_pretrained(tmp_path / "compressed"))
 
 
-def test_plain_transformers_refuses_with_a_pointer_to_the_loader(tmp_path):
+@pytest.mark.parametrize("arch, pattern", [("llama", "unstructured"), ("gpt2", "2:4")])
+def test_transformers_auto_class_and_pipeline_load_compact_folders(tmp_path, tokenizer, arch, pattern):
+    """After ``import optimum_maiht``, transformers' own entry points load the compact format: the same
+    tensors as the dense save, a plain model (no quantizer left on it), dtype and device_map honoured."""
+    from transformers import AutoModelForCausalLM, pipeline
+
+    model = make_tiny_model(arch)
+    save_compressed(model, tmp_path / "compact", prune(model, pattern))
+    tokenizer.save_pretrained(tmp_path / "compact")
+    model.save_pretrained(tmp_path / "dense")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "compact")
+    assert_same_model(AutoModelForCausalLM.from_pretrained(tmp_path / "dense"), loaded)
+    assert not loaded.is_quantized and not hasattr(loaded.config, "quantization_config")
+    assert not hasattr(loaded.config, "transformers_weights")
+    half = AutoModelForCausalLM.from_pretrained(tmp_path / "compact", dtype=torch.bfloat16, device_map="cpu")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(half.state_dict()[name], tensor.bfloat16()), name
+    generator = pipeline("text-generation", model=str(tmp_path / "compact"), device="cpu")
+    assert_same_model(model, generator.model)
+
+
+def test_without_the_package_transformers_refuses_with_its_name(tmp_path, monkeypatch):
+    """The registration removed (as in an environment without optimum-maiht): transformers skips the
+    unknown quantization method and stops on the marker, whose text names the package."""
     from transformers import AutoModelForCausalLM
+    from transformers.quantizers import auto
 
     model = make_tiny_model("llama")
     save_compressed(model, tmp_path, prune(model, "unstructured"))
-    with pytest.raises(Exception, match=r"optimum_maiht\.MAIHTModelForCausalLM"):
+    monkeypatch.delitem(auto.AUTO_QUANTIZER_MAPPING, "maiht")
+    monkeypatch.delitem(auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "maiht")
+    with pytest.raises(ValueError, match=r"pip install optimum-maiht and import optimum_maiht"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_folders_of_older_releases_still_load(tmp_path):
+    """Written before the registration: the marker but no quantization_config."""
+    model = make_tiny_model("llama")
+    save_compressed(model, tmp_path, prune(model, "2:4"))
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_same_model(model, MAIHTModelForCausalLM.from_pretrained(tmp_path))
 
 
 def test_lead_annotation_keeps_the_folder_loadable(tmp_path):
@@ -155,27 +188,24 @@ def test_dense_folder_loads_as_usual(tmp_path):
     assert_same_model(model, MAIHTModelForCausalLM.from_pretrained(tmp_path))
 
 
-def test_hub_repo_id_is_downloaded_with_the_given_options(tmp_path, monkeypatch):
-    import huggingface_hub
+def test_hub_repo_id_is_loaded_from_a_hub_cache_snapshot(tmp_path, monkeypatch):
+    """A Hub id: transformers downloads it (here: a pre-filled cache, offline), whose snapshot files are
+    symlinks into the repository's blobs folder, which the path checks allow."""
+    import os
 
     model = make_tiny_model("llama")
-    save_compressed(model, tmp_path, prune(model, "unstructured"))
-    calls = []
-
-    def fake_hf_hub_download(repo_id, filename, **kwargs):
-        calls.append(("file", repo_id, filename, kwargs))
-        return str(tmp_path / filename)
-
-    def fake_snapshot_download(repo_id, **kwargs):
-        calls.append(("snapshot", repo_id, kwargs))
-        return str(tmp_path)
-
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_hf_hub_download)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    loaded = MAIHTModelForCausalLM.from_pretrained("user/tiny-maiht", revision="v1")
-    assert calls[0] == ("file", "user/tiny-maiht", "config.json", {"revision": "v1"})
-    assert calls[1][:2] == ("snapshot", "user/tiny-maiht") and calls[1][2]["revision"] == "v1"
-    assert "model-compressed*.safetensors" in calls[1][2]["allow_patterns"]
+    save_compressed(model, tmp_path / "saved", prune(model, "unstructured"))
+    repo = tmp_path / "hub" / "models--user--tiny-maiht"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    for file in (tmp_path / "saved").iterdir():
+        (repo / "blobs" / file.name).write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.join("..", "..", "blobs", file.name))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = MAIHTModelForCausalLM.from_pretrained("user/tiny-maiht", cache_dir=tmp_path / "hub")
     assert loaded.config.name_or_path == "user/tiny-maiht"
     assert_same_model(model, loaded)
 
@@ -244,7 +274,7 @@ def test_truncated_shard_is_reported(saved):
     folder, index = saved
     shard = folder / sorted(set(index["weight_map"].values()))[0]
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
-    with pytest.raises(CompressedCheckpointError, match="damaged or truncated"):
+    with pytest.raises(UnsafeFileError, match=rf"{shard.name}: the header entry .* damaged or truncated"):
         load_compressed_state_dict(folder)
 
 
@@ -297,8 +327,7 @@ def test_dtype_mismatch_between_index_and_values_is_reported(saved_2of4):
     rewrite_index(folder, index)
     with pytest.raises(
         CompressedCheckpointError,
-        match=rf"{name}: stored values are torch.float32, the index "
-        "says bfloat16",
+        match=rf"{name}.compressed is stored as F32 \[128, 32\], which does not fit .* \(bfloat16, weight",
     ):
         load_compressed_state_dict(folder)
 
@@ -309,8 +338,8 @@ def test_tied_alias_without_its_source_is_reported(saved):
     rewrite_index(folder, index)
     with pytest.raises(
         CompressedCheckpointError,
-        match=r"lm_head.weight is tied to "
-        r"model.embed_tokens.weight.missing, which is not stored",
+        match=r"'tied' makes lm_head.weight a copy of model.embed_tokens.weight.missing, which the model "
+        "does not tie",
     ):
         load_compressed_state_dict(folder)
 
@@ -320,7 +349,7 @@ def test_tied_alias_without_its_source_is_reported(saved):
     [
         ("{not json", "is not valid JSON"),
         ("", "is not valid JSON"),
-        ("[]", "lacks 'metadata' or 'weight_map'"),
+        ("[]", "holds a JSON array at the top level, expected a JSON object"),
         ('{"weight_map": {}}', "lacks 'metadata' or 'weight_map'"),
         (
             '{"metadata": {"maiht_format": "maiht-compressed", "layers": {}}}',
@@ -337,7 +366,7 @@ def test_tied_alias_without_its_source_is_reported(saved):
 def test_invalid_index_is_reported(saved, text, message):
     folder, _ = saved
     (folder / COMPRESSED_INDEX_NAME).write_text(text)
-    with pytest.raises(CompressedCheckpointError, match=message):
+    with pytest.raises(ValueError, match=message):  # CompressedCheckpointError or files.UnsafeFileError
         MAIHTModelForCausalLM.from_pretrained(folder)
 
 
@@ -405,7 +434,7 @@ def test_nan_is_kept_and_negative_zero_restored_as_zero():
     weight = torch.tensor([[1.5, -0.0, float("nan"), 0.0], [0.0, 0.0, 0.0, -2.0]])
     parts = compress_unstructured(weight)
     assert parts["compressed"].numel() == 3 and parts["row_offsets"].tolist() == [0, 2]
-    restored = decompress("w", {"encoding": "bitmask", "dtype": "float32"}, parts)
+    restored = decompress("w", layer_entry("w", {"encoding": "bitmask", "dtype": "float32"}), parts, (2, 4))
     assert torch.equal(restored.isnan(), weight.isnan())  # NaN != NaN: compare NaNs and the rest apart
     assert torch.equal(torch.nan_to_num(restored), torch.nan_to_num(weight))
 
@@ -414,8 +443,8 @@ def test_nm_groups_with_fewer_nonzeros_are_padded():
     weight = torch.tensor([[0.0, 0.0, 0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])
     parts = compress_nm(weight, 2, 4)
     assert parts["compressed"].shape == (1, 4)
-    info = {"encoding": "n:m", "n": 2, "m": 4, "dtype": "float32"}
-    assert torch.equal(decompress("w", info, parts), weight)
+    info = {"encoding": "n:m", "n": 2, "m": 4, "transposed": False, "dtype": "float32"}
+    assert torch.equal(decompress("w", layer_entry("w", info), parts, (1, 8)), weight)
 
 
 def test_2d_checkpoints_keep_format_version_1(saved_2of4):

@@ -9,20 +9,18 @@ import json
 import pytest
 import torch
 from conftest import assert_same_model, folder_bytes
-from moe_models import make_moe_model
+from moe_models import MOE_FAMILIES, make_moe_model
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from optimum_maiht.compressed import (
     COMPRESSED_INDEX_NAME,
     CompressedCheckpointError,
-    compress_nm,
-    compress_unstructured,
-    decompress,
-    load_compressed_state_dict,
     save_compressed,
 )
+from optimum_maiht.compressed_loading import decompress, layer_entry, load_compressed_state_dict
 from optimum_maiht.modeling import MAIHTModelForCausalLM
+from optimum_maiht.sparse_encoding import compress_nm, compress_unstructured
 
 PATTERNS = {"unstructured": None, "2:4": (2, 4)}
 
@@ -64,10 +62,11 @@ def sparsified_moe(family: str, pattern: str) -> tuple[torch.nn.Module, dict, li
     with torch.no_grad():
         for name, in_out in experts.items():
             sparsify(model.get_parameter(name), in_out, PATTERNS[pattern])
-        q_proj = model.model.layers[0].self_attn.q_proj.weight  # a 2-D layer in the same checkpoint
-        sparsify(q_proj[None], False, PATTERNS[pattern])
+        attention = model.model.layers[0].self_attn  # a 2-D layer in the same checkpoint (DeepSeek: q_a_proj)
+        linear = next(n for n, m in attention.named_modules() if isinstance(m, torch.nn.Linear))
+        sparsify(attention.get_submodule(linear).weight[None], False, PATTERNS[pattern])
     layers = {name: PATTERNS[pattern] for name in experts}
-    layers["model.layers.0.self_attn.q_proj.weight"] = PATTERNS[pattern]
+    layers[f"model.layers.0.self_attn.{linear}.weight"] = PATTERNS[pattern]
     return model, layers, [name for name, in_out in experts.items() if in_out]
 
 
@@ -115,17 +114,30 @@ def test_fused_experts_round_trip_is_exact(tmp_path, family, pattern):
     assert kept / dense < 0.6, f"experts: compressed / dense = {kept / dense:.3f}"  # 0.53 to 0.57
 
 
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("pattern", sorted(PATTERNS))
+def test_transformers_auto_class_loads_compact_moe_folders(tmp_path, family, pattern):
+    """After ``import optimum_maiht``, plain ``AutoModelForCausalLM`` loads the fused experts of every MoE
+    family: the same tensors and logits as the dense save."""
+    from transformers import AutoModelForCausalLM
+
+    model, layers, transposed = sparsified_moe(family, pattern)
+    save_compressed(model, tmp_path / "compact", layers, transposed=transposed)
+    model.save_pretrained(tmp_path / "dense")
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert_same_model(dense, AutoModelForCausalLM.from_pretrained(tmp_path / "compact"))
+
+
 @pytest.mark.parametrize("pattern", [(2, 4), (4, 8)])
 def test_nm_stack_encoding_round_trips(pattern):
     weight = torch.randn(3, 8, 16, generator=torch.Generator().manual_seed(0))
     sparsify(weight, False, pattern)
     parts = compress_nm(weight, *pattern, "w")
-    info = {"encoding": "n:m", "n": pattern[0], "m": pattern[1], "dtype": "float32"}
-    assert torch.equal(decompress("w", info, parts), weight)
+    info = {"encoding": "n:m", "n": pattern[0], "m": pattern[1], "transposed": False, "dtype": "float32"}
+    assert torch.equal(decompress("w", layer_entry("w", info), parts, (3, 8, 16)), weight)
     transposed = weight.transpose(1, 2).contiguous()  # (E, in, out) slices, stored transposed
-    restored = decompress(
-        "w", {**info, "transposed": True}, compress_nm(transposed.transpose(1, 2), *pattern)
-    )
+    entry = layer_entry("w", {**info, "transposed": True})
+    restored = decompress("w", entry, compress_nm(transposed.transpose(1, 2), *pattern), (3, 16, 8))
     assert torch.equal(restored, transposed) and restored.is_contiguous()
 
 
@@ -134,7 +146,8 @@ def test_unstructured_stack_encoding_round_trips():
     sparsify(weight, False, None)
     parts = compress_unstructured(weight)
     assert parts["bitmask"].shape == (15, 2) and parts["shape"].tolist() == [3, 5, 13]
-    assert torch.equal(decompress("w", {"encoding": "bitmask", "dtype": "bfloat16"}, parts), weight)
+    entry = layer_entry("w", {"encoding": "bitmask", "dtype": "bfloat16"})
+    assert torch.equal(decompress("w", entry, parts, (3, 5, 13)), weight)
 
 
 def test_in_out_slices_need_to_be_declared_transposed(tmp_path):

@@ -178,7 +178,8 @@ def test_card_repo_id_and_errors(pruned):
 def test_card_for_a_compressed_folder(pruned, tmp_path):
     text = write_model_card(tmp_path, pruned.report, repo_id=REPO, storage_format="compressed").read_text()
     assert "model = MAIHTModelForCausalLM.from_pretrained(model_id)" in text
-    assert "AutoModelForCausalLM.from_pretrained" not in text and "Dense storage" not in text
+    assert "after `import optimum_maiht`: AutoModelForCausalLM.from_pretrained(model_id)" in text
+    assert "Dense storage" not in text
     assert "Dense storage" in str(render_model_card(pruned.report))  # the default
     with pytest.raises(ValueError, match="storage_format"):
         render_model_card(pruned.report, storage_format="bitmask")

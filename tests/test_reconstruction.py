@@ -267,17 +267,17 @@ def test_a_version_2_report_gives_its_held_out_errors() -> None:
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"reconstruction_epochs": -1}, "reconstruction_epochs must be an integer >= 0"),
-        ({"reconstruction_epochs": 1.5}, "reconstruction_epochs must be an integer >= 0"),
-        ({"reconstruction_epochs": True}, "reconstruction_epochs must be an integer >= 0"),
+        ({"reconstruction_epochs": -1}, "reconstruction_epochs must be an integer from 0 to 1,000"),
+        ({"reconstruction_epochs": 1.5}, "reconstruction_epochs must be an integer from 0 to 1,000"),
+        ({"reconstruction_epochs": True}, "reconstruction_epochs must be an integer from 0 to 1,000"),
         ({"reconstruction_lr": 0}, "reconstruction_lr must be a finite number > 0"),
         ({"reconstruction_lr": float("nan")}, "reconstruction_lr must be a finite number > 0"),
         ({"reconstruction_lr": float("inf")}, "reconstruction_lr must be a finite number > 0"),
         ({"reconstruction_lr": "1e-4"}, "reconstruction_lr must be a finite number > 0"),
         ({"reconstruction_holdout": 0}, r"reconstruction_holdout must be a share in \(0, 1\)"),
         ({"reconstruction_holdout": 1}, r"reconstruction_holdout must be a share in \(0, 1\)"),
-        ({"reconstruction_batch_size": 0}, "reconstruction_batch_size must be an integer >= 1"),
-        ({"reconstruction_batch_size": 2.0}, "reconstruction_batch_size must be an integer >= 1"),
+        ({"reconstruction_batch_size": 0}, "reconstruction_batch_size must be an integer from 1 to 65,536"),
+        ({"reconstruction_batch_size": 2.0}, "reconstruction_batch_size must be an integer from 1 to 65,536"),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, message: str) -> None:

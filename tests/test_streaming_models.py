@@ -5,6 +5,8 @@ before anything is written."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,7 @@ from transformers import AutoModelForCausalLM
 from optimum_maiht import MAIHTConfig, MAIHTPruner
 from optimum_maiht.conversion import CheckpointMismatchError
 from optimum_maiht.experts import find_fused_experts
+from optimum_maiht.files import UnsafeFileError
 
 SHARD = "60KB"
 
@@ -158,3 +161,36 @@ def test_optimum_cli_streams_every_family(
         assert torch.equal(streamed[key], tensor), key
     if family in MOE_FAMILIES:
         assert_expert_pattern(tmp_path / "streamed", "2:4")
+
+
+@pytest.mark.parametrize("where", ["relative", "absolute", "symlink"])
+def test_an_index_naming_a_file_outside_the_folder_is_refused_alike(tmp_path: Path, where: str) -> None:
+    """The streaming reader resolves every shard the index names inside the checkpoint folder
+    (``files.resolve_inside``): ``..``, an absolute path and a symlink out are refused, with the same
+    message whether the outside file exists or not, and nothing is written."""
+    source = checkpoint(tmp_path / "src", "llama")
+    index = source / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    victim = sorted(set(data["weight_map"].values()))[0]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    messages = []
+    for exists in (True, False):
+        target = outside / ("real.safetensors" if exists else "missing.safetensors")
+        if exists:
+            shutil.copy(source / victim, target)
+        if where == "symlink":
+            link = source / f"link-{exists}.safetensors"
+            link.symlink_to(target)
+            name = link.name
+        else:
+            name = str(target) if where == "absolute" else f"../outside/{target.name}"
+        bad = {**data, "weight_map": {k: (name if f == victim else f) for k, f in data["weight_map"].items()}}
+        index.write_text(json.dumps(bad))
+        with pytest.raises(UnsafeFileError) as error:
+            MAIHTPruner.prune_to_folder(
+                source, tmp_path / "out", run_config(), calibration_ids(), progress=False
+            )
+        messages.append(str(error.value).replace(name, "X").replace(target.name, "X"))
+        assert not (tmp_path / "out").exists() and not partial_folder(tmp_path / "out").exists()
+    assert messages[0] == messages[1]  # nothing said about whether the outside file exists

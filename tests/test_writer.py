@@ -13,8 +13,7 @@ from moe_models import make_moe_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimum_maiht.serialization import write_dense
-from optimum_maiht.writer import ModelWeights
+from optimum_maiht.serialization import ModelInMemory, write_dense
 
 SHARD = "40KB"
 
@@ -34,7 +33,7 @@ def test_the_writer_writes_what_save_pretrained_writes(tmp_path: Path, family: s
         model = AutoModelForCausalLM.from_pretrained(tmp_path / "source")
     model.save_pretrained(tmp_path / "transformers", max_shard_size=SHARD)
     (tmp_path / "ours").mkdir()
-    write_dense(tmp_path / "ours", ModelWeights(model), SHARD)
+    write_dense(tmp_path / "ours", ModelInMemory(model), SHARD)
 
     theirs, ours = shards(tmp_path / "transformers"), shards(tmp_path / "ours")
     assert list(ours) == list(theirs) and len(ours) > 1  # the same shard files

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from ..distributed import Parallel
 from ..experts import expert_groups
 from ..report import LayerReport
 from ..solvers import LayerSolver, LayerSpec, make_solver
-from ..targets import BlockTargets
+from ..targets import BlockTargets, matching
 from .statistics import GramCollector, LayerProblem, expert_problems
 
 logger = logging.getLogger(__name__)
@@ -80,10 +79,8 @@ def configured_solver(config: MAIHTConfig) -> LayerSolver:
 def layer_spec(name: str, config: MAIHTConfig) -> LayerSpec:
     """The sparsity the layer ``name`` is pruned to: the first ``layer_sparsity`` pattern that matches its
     name, else the configuration's ``sparsity`` (uniform), with the configuration's pattern and scope."""
-    sparsity = next(
-        (value for pattern, value in config.layer_sparsity.items() if re.search(pattern, name)),
-        config.sparsity,
-    )
+    pattern = matching(list(config.layer_sparsity), name, "layer_sparsity")
+    sparsity = config.layer_sparsity[pattern] if pattern is not None else config.sparsity
     return LayerSpec(sparsity=sparsity, nm=config.nm, scope=config.scope)
 
 

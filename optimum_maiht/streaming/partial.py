@@ -12,6 +12,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..files import UnsafeFileError, read_json
 from ..pipeline.store import FinishedBlock
 from ..report import BlockReconstruction, LayerReport
 from ..serialization import check_output_folder
@@ -47,7 +48,7 @@ class PartialRun:
     def finished(self) -> dict[int, FinishedBlock]:
         done = {}
         for path in sorted(self.blocks.glob("block-*.json")):
-            data = json.loads(path.read_text())
+            data = read_json(path, what="a finished block's record")
             layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
             rebuilt = data.get("reconstruction")
             rebuilt = None if rebuilt is None else BlockReconstruction.from_dict(rebuilt)
@@ -65,8 +66,8 @@ class PartialRun:
 
     def state(self) -> dict[str, Any]:
         try:
-            return json.loads((self.folder / STATE_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            return read_json(self.folder / STATE_NAME, what=STATE_NAME)
+        except (OSError, UnsafeFileError) as err:
             raise ResumeError(
                 f"{self.folder} is not a readable partial run ({err}); delete the folder to start again"
             ) from None

@@ -4,7 +4,6 @@ entry checked before any data is used (docs/design.md, "Streaming and resume", "
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..conversion import SAFETENSORS_DTYPES, read_headers
+from ..files import read_json, read_safetensors_header
 from ..model_utils import check_model_source
 
 SAMPLE_BYTES = 1 << 16
@@ -47,9 +47,7 @@ class Checkpoint:
 
     def first_float_dtype(self) -> torch.dtype:
         """The dtype of the first floating-point tensor in the first shard's header (float32 when none)."""
-        with open(self.files[0], "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+        header = read_safetensors_header(self.files[0])
         for name, entry in header.items():
             dtype = SAFETENSORS_DTYPES.get(entry.get("dtype")) if name != "__metadata__" else None
             if dtype is not None and dtype.is_floating_point:
@@ -102,7 +100,10 @@ def empty_model(
     folder: Path, name: str, checkpoint: Checkpoint, dtype: str | torch.dtype | None
 ) -> nn.Module:
     """The causal LM of ``folder`` on the meta device (buffers real), in ``dtype`` (``"auto"``: the
-    config's, else the checkpoint's first floating-point tensor's), with its generation config."""
+    config's, else the checkpoint's first floating-point tensor's), with its generation config.
+    ``config.json`` is read with bounds first (:func:`optimum_maiht.files.read_json`): a file from
+    elsewhere that is huge, deeply nested or not an object is refused before transformers parses it."""
+    read_json(folder / "config.json", what="config.json")
     config = AutoConfig.from_pretrained(folder)
     config.name_or_path = name
     if dtype in (None, "auto"):
