@@ -74,13 +74,13 @@ def llama(hidden: int, intermediate: int, blocks: int, vocab: int) -> torch.nn.M
 
 def pruned_layers(model: torch.nn.Module) -> dict[str, None]:
     """Zero the smaller half of every linear weight of the blocks (per row); their ``sparse_layers``."""
-    from optimum_maiht.solver import magnitude_prune
+    from optimum_maiht.solvers import LayerSpec, magnitude_prune
 
     layers = {}
     with torch.no_grad():
         for name, module in model.model.layers.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(magnitude_prune(module.weight, 0.5, None))
+                module.weight.copy_(magnitude_prune(module.weight, LayerSpec(0.5)))
                 layers[f"model.layers.{name}.weight"] = None
     return layers
 

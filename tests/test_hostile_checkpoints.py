@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_tiny_model
-from optimum_maiht.solver import magnitude_prune
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +20,7 @@ from optimum_maiht.compressed_loading import load_compressed_state_dict
 from optimum_maiht.files import UnsafeFileError, read_json, resolve_inside
 from optimum_maiht.model_utils import find_decoder_blocks
 from optimum_maiht.modeling import MAIHTModelForCausalLM
+from optimum_maiht.solvers import LayerSpec, magnitude_prune
 
 Q_PROJ = "model.layers.0.self_attn.q_proj.weight"
 K_PROJ = "model.layers.0.self_attn.k_proj.weight"
@@ -35,7 +35,7 @@ def magnitude_pruned(arch: str, pattern: tuple[int, int] | None):
     with torch.no_grad():
         for name, module in blocks.named_modules():
             if isinstance(module, torch.nn.Linear):
-                module.weight.copy_(magnitude_prune(module.weight, 0.5, pattern))
+                module.weight.copy_(magnitude_prune(module.weight, LayerSpec(0.5, pattern)))
                 layers[f"{blocks_name}.{name}.weight"] = pattern
     return model, layers
 

@@ -191,6 +191,7 @@ def test_an_index_naming_a_file_outside_the_folder_is_refused_alike(tmp_path: Pa
             MAIHTPruner.prune_to_folder(
                 source, tmp_path / "out", run_config(), calibration_ids(), progress=False
             )
-        messages.append(str(error.value).replace(name, "X").replace(target.name, "X"))
+        message = str(error.value)  # the name is shown cut to 80 characters: compare what surrounds it
+        messages.append((message.split(" the shard named in")[0], message.split(" points outside")[1]))
         assert not (tmp_path / "out").exists() and not partial_folder(tmp_path / "out").exists()
     assert messages[0] == messages[1]  # nothing said about whether the outside file exists
