@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaModel
 
 from optimum_maiht.conversion import CheckpointConversion, CheckpointMismatchError, read_headers
+from optimum_maiht.files import UnsafeFileError
 from optimum_maiht.model_utils import block_prefix, find_decoder_blocks
 from optimum_maiht.writer import plan_shards
 
@@ -282,9 +283,15 @@ def test_hostile_index_refused(checkpoint, tmp_path):
     name, file = next(iter(data["weight_map"].items()))
     data["weight_map"][name] = "../" + file
     index.write_text(json.dumps(data))
-    with pytest.raises(CheckpointMismatchError, match=re.escape(f"'../{file}' is not a file in {folder}")):
+    with pytest.raises(UnsafeFileError, match=re.escape(f"'../{file}' points outside the folder")):
         read_headers(folder)
-    other = next(f for f in data["weight_map"].values() if f not in ("../" + file, file))
+    data["weight_map"][name] = "missing.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(
+        CheckpointMismatchError, match=re.escape(f"'missing.safetensors' is not a file in {folder}")
+    ):
+        read_headers(folder)
+    other = next(f for f in data["weight_map"].values() if f not in ("missing.safetensors", file))
     data["weight_map"][name] = other
     index.write_text(json.dumps(data))
     with pytest.raises(CheckpointMismatchError, match=f"puts {re.escape(name)} in {other}, which does not"):
