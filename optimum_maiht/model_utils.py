@@ -50,6 +50,20 @@ def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[0], best[1]
 
 
+def is_norm(module: nn.Module) -> bool:
+    """A normalisation layer (``LayerNorm``, ``RMSNorm`` and each family's own: named so by transformers)."""
+    return "norm" in type(module).__name__.lower() and not any(True for _ in module.children())
+
+
+def final_norm(model: nn.Module, blocks_name: str) -> nn.Module | None:
+    """The normalisation layer that reads the last block's output: the one norm among the direct children of
+    the module holding the blocks (``model.norm``, ``transformer.ln_f``, ``decoder.final_layer_norm``...);
+    ``None`` when there is not exactly one."""
+    parent = model.get_submodule(blocks_name.rpartition(".")[0]) if "." in blocks_name else model
+    norms = [m for m in parent.children() if is_norm(m)]
+    return norms[0] if len(norms) == 1 else None
+
+
 def block_prefix(blocks_name: str, index: int) -> str:
     """The full-name prefix of block ``index``: ``"model.layers.3."``."""
     return f"{blocks_name}.{index}." if blocks_name else f"{index}."

@@ -5,6 +5,8 @@ and is off by default (docs/design.md, "Block reconstruction")."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import logging
@@ -12,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import calibration_ids, make_tiny_model
-from moe_models import make_moe_model
+from conftest import ARCHITECTURES, calibration_ids, make_tiny_model
+from moe_models import MOE_FAMILIES, make_moe_model
 from test_streaming import assert_same_tensors, fail_after, in_memory, make_checkpoint, streamed
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
@@ -21,9 +23,9 @@ from optimum_maiht.cli.prune import prune_summary
 from optimum_maiht.distributed import SINGLE
 from optimum_maiht.experts import eager_experts
 from optimum_maiht.model_card import render_model_card
-from optimum_maiht.model_utils import find_decoder_blocks
+from optimum_maiht.model_utils import final_norm, find_decoder_blocks, is_norm
 from optimum_maiht.pipeline import BlockCall, BlockContext, Placement
-from optimum_maiht.pipeline.capture import capture_block_inputs, replay
+from optimum_maiht.pipeline.capture import capture_block_inputs, first_reader, replay
 from optimum_maiht.pipeline.reconstruct import _refit_pieces, holdout_batches, reconstruct_block
 from optimum_maiht.pipeline.solve import Solving, solve_block
 from optimum_maiht.report import BlockReconstruction, PruneReport
@@ -66,10 +68,13 @@ def target_weights(targets) -> dict[str, torch.Tensor]:
 
 def block_error(ctx: BlockContext, batches: list[int] | None = None) -> float:
     """The mean over the tokens of ``batches`` (default all) of each token's squared error relative to its
-    dense output's squared norm."""
+    dense output's squared norm, both read by ``ctx.reader`` when there is one."""
     hidden, calls, dense = ctx.hidden, ctx.calls, ctx.dense
     batches = range(len(hidden)) if batches is None else batches
     out = replay(ctx.block, [hidden[k] for k in batches], [calls[k] for k in batches])
+    if ctx.reader is not None:
+        with torch.no_grad():
+            out, dense = [ctx.reader(o) for o in out], [ctx.reader(d) for d in dense]
     errors = [
         ((o.double() - dense[k].double()).square().sum(-1) / dense[k].double().square().sum(-1)).flatten()
         for o, k in zip(out, batches, strict=True)
@@ -342,3 +347,104 @@ def test_an_expert_module_no_token_reaches_is_left_as_pruned() -> None:
     assert result.epochs >= 1 and result.error_refit < result.error_solved
     assert torch.equal(after["model.layers.0.mlp.experts.3.0"], before["model.layers.0.mlp.experts.3.0"])
     assert not torch.equal(after["model.layers.0.mlp.experts.0.0"], before["model.layers.0.mlp.experts.0.0"])
+
+
+def every_family() -> list[str]:
+    return ARCHITECTURES + MOE_FAMILIES
+
+
+def family_model(family: str):
+    return make_moe_model(family) if family in MOE_FAMILIES else make_tiny_model(family)
+
+
+@pytest.mark.parametrize("family", every_family())
+def test_the_refits_block_forward_is_the_models_forward(family: str) -> None:
+    """What the refit runs (each block's recorded call, in float32, on whole batches and on the pieces of
+    one window) gives exactly the outputs the model's own forward gives each block (issue #29: the refit
+    optimises the block the model runs, sliding-window layers, rotary tables and masks included)."""
+    model = family_model(family)
+    ids = calibration_ids(4, 32)
+    _, blocks = find_decoder_blocks(model)
+    seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def hook(i: int):
+        def record(module, args, kwargs, out):
+            x = args[0] if args else kwargs["hidden_states"]
+            seen[i] = (x.detach().clone(), (out[0] if isinstance(out, tuple) else out).detach().clone())
+
+        return record
+
+    with eager_experts(model):
+        handles = [b.register_forward_hook(hook(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+        for handle in handles:
+            handle.remove()
+        hidden, calls = capture_block_inputs(model, blocks, ids, 4, CPU)
+        assert torch.equal(hidden[0], seen[0][0])
+        for i, block in enumerate(blocks):
+            x, y = seen[i]
+            ctx = BlockContext(i, block, None, [c.float32() for c in calls[i]], [x], CPU)
+            with torch.no_grad():
+                assert torch.equal(ctx.calls[0].run(block, x), y), i
+                for piece in _refit_pieces(ctx, ctx.calls, 1, torch.device("cpu")):
+                    torch.testing.assert_close(piece.call.run(block, x[piece.rows]), y[piece.rows]), i
+
+
+READERS = {"gpt2": "ln_1", "opt": "self_attn_layer_norm"}
+
+
+@pytest.mark.parametrize("family", every_family())
+def test_the_refit_reads_a_blocks_output_through_the_next_norm(family: str) -> None:
+    """Each block's refit measures its output through the norm that reads it next: the next block's input
+    norm (found by a forward, not by name), the model's final norm after the last block."""
+    model = family_model(family)
+    blocks_name, blocks = find_decoder_blocks(model)
+    with eager_experts(model):
+        hidden, calls = capture_block_inputs(model, blocks, calibration_ids(2, 16), 2, CPU)
+        assert first_reader(blocks[0], calls[0][0], hidden[0]) == READERS.get(family, "input_layernorm")
+    final = final_norm(model, blocks_name)
+    assert final is not None and is_norm(final)
+    assert all(final is not module for block in blocks for module in block.modules())
+
+
+def test_the_pipeline_refits_through_the_next_blocks_norm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The context each refit gets carries a float32 copy of the right reader: block 0's is block 1's input
+    norm, the last block's the final norm; the reported errors are measured through it."""
+    import optimum_maiht.pipeline.sequential as sequential
+
+    model = make_tiny_model("llama")
+    with torch.no_grad():  # readers that differ from each other and from 1
+        model.model.layers[1].input_layernorm.weight.uniform_(0.5, 2.0)
+        model.model.norm.weight.uniform_(0.1, 3.0)
+    expected = [model.model.layers[1].input_layernorm.weight.clone(), model.model.norm.weight.clone()]
+    readers = []
+
+    def spy(ctx, layers, cfg, parallel):
+        readers.append(ctx.reader)
+        return reconstruct_block(ctx, layers, cfg, parallel)
+
+    monkeypatch.setattr(sequential, "reconstruct_block", spy)
+    pruner = MAIHTPruner(model, config())
+    pruner.prune(calibration_ids(16, 32), progress=False)
+    assert [type(r).__name__ for r in readers] == ["LlamaRMSNorm", "LlamaRMSNorm"]
+    for reader, weight in zip(readers, expected, strict=True):
+        assert reader.weight.dtype == torch.float32 and not reader.weight.requires_grad
+        assert torch.equal(reader.weight, weight)
+    assert pruner.report.reconstruction[0].epochs >= 1
+
+
+def test_the_refit_lowers_the_error_the_reader_sees_and_reports_it() -> None:
+    cfg = config()
+    model = make_tiny_model("llama")
+    ctx, layers = pruned_block(model, cfg)
+    ctx.reader = copy.deepcopy(model.model.layers[1].input_layernorm).requires_grad_(False)
+    with torch.no_grad():
+        ctx.reader.weight.uniform_(0.25, 4.0)
+    held = holdout_batches([len(ctx.hidden)], cfg.reconstruction_holdout)
+    before = block_error(ctx, held)
+    assert before != pytest.approx(block_error(dataclasses.replace(ctx, reader=None), held), rel=1e-3)
+    result = refit(ctx, layers, cfg)
+    assert result.error_solved == pytest.approx(before, rel=1e-5)
+    assert result.error_refit == pytest.approx(block_error(ctx, held), rel=1e-5)
+    assert result.epochs >= 1 and result.error_refit < result.error_solved

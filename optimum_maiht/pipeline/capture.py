@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..model_utils import is_norm
+
 logger = logging.getLogger(__name__)
 
 OFFLOAD_SHARE = 0.5
@@ -167,6 +169,29 @@ def capture_block_inputs(
     if len(hidden) != len(calls[-1]):
         raise RuntimeError("the model did not call every decoder block once per batch; it is not supported")
     return hidden, calls
+
+
+def first_reader(block: nn.Module, call: BlockCall, hidden: Tensor) -> str | None:
+    """The name (inside ``block``) of the normalisation layer that reads the block's input first, as a
+    forward of ``block`` on ``hidden`` shows: in a pre-norm transformer, how every block reads the residual
+    stream (``input_layernorm``, ``ln_1``...). ``None`` when the first module to read it is not a norm (a
+    post-norm block reads the raw stream)."""
+    names = {module: name for name, module in block.named_modules() if name}
+    found: list[str] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        first = args[0] if args else kwargs.get("hidden_states")
+        if not found and first is hidden:
+            found.append(names[module])
+
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module in names]
+    try:
+        with torch.no_grad():
+            call.run(block, hidden)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found and is_norm(block.get_submodule(found[0])) else None
 
 
 def replay(

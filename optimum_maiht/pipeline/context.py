@@ -27,6 +27,10 @@ class BlockContext:
     dense: list[Tensor] | None = None
     """The dense model's outputs of this block, per batch: the reconstruct stage's targets (``None`` when
     block reconstruction is off)."""
+    reader: nn.Module | None = None
+    """The normalisation layer that reads this block's output next (the next block's input norm, the final
+    norm after the last block), a float32 copy on the compute device: the reconstruct stage measures the
+    output error through it, as the model reads it. ``None``: on the raw output."""
 
     def replay(self, after_batch: Callable[[], None] | None = None) -> list[Tensor]:
         """The block's outputs on every calibration batch (no grad), parked."""

@@ -3,15 +3,19 @@
 
 After the layer solves have fixed the masks of a block, the kept weights of all its pruned targets are
 refitted jointly with Adam to minimise the mean over tokens of each token's relative squared error
-``||block(X)_t - Y_t||^2 / ||Y_t||^2``, where ``X`` are the pruned model's block inputs and ``Y`` the dense
-model's block outputs. Per token, because whatever reads the residual stream next (the next block, the
-final norm) first divides each token by its RMS: an error matters relative to its own token's norm. (One
-error over the whole batch is dominated by the few tokens with massive activations, the first of each
-window in most LLMs, and barely moves the others.) Gradients are masked and the zeros re-imposed after
-every step, so the sparsity pattern never changes. The number of epochs is chosen on held-out
-calibration batches: the weights with the lowest held-out error are kept, the starting weights included,
-so the refit never makes the held-out error worse. The errors reported are those held-out ones, before
-and after: measured on windows no step has seen.
+``||R(block(X))_t - R(Y)_t||^2 / ||R(Y)_t||^2``, where ``X`` are the pruned model's block inputs, ``Y`` the
+dense model's block outputs and ``R`` the normalisation layer that reads the block's output next (the next
+block's input norm; the final norm after the last block). Through ``R``, because that is how the model
+reads the residual stream: each token divided by its RMS, then each channel scaled by the norm's weight.
+On the raw stream a few massive channels dominate the error (8 of Gemma3-270M's 640 channels hold 97% of
+its squared norm, and its norms scale them down); the refit then trades the other channels away, which
+the model reads amplified, and the held-out perplexity gets worse while the raw error falls
+(docs/design.md, "Block reconstruction"). Per token, because one error over the whole batch is dominated
+by the few tokens with massive activations (the first of each window in most LLMs). Gradients are masked
+and the zeros re-imposed after every step, so the sparsity pattern never changes. The number of epochs is
+chosen on held-out calibration batches: the weights with the lowest held-out error are kept, the starting
+weights included, so the refit never makes the held-out error worse. The errors reported are those
+held-out ones, before and after: measured on windows no step has seen.
 
 :func:`refit_block` is the maths (a forward function, tensors and their masks in); :func:`reconstruct_block`
 the stage around it (which weights, the float32 cast, the calibration batches cut into pieces).
@@ -228,11 +232,14 @@ def reconstruct_block(
         holdout = [j for j, piece in enumerate(pieces) if piece.batch in held_batches]
         train = [j for j, piece in enumerate(pieces) if piece.batch not in held_batches]
 
+        read = ctx.reader if ctx.reader is not None else nn.Identity()
+
         def forward(j: int) -> Tensor:
             piece = pieces[j]
-            return piece.call.run(ctx.block, ctx.hidden[piece.batch][piece.rows].to(device, torch.float32))
+            hidden = ctx.hidden[piece.batch][piece.rows].to(device, torch.float32)
+            return read(piece.call.run(ctx.block, hidden))
 
-        targets = [ctx.dense[piece.batch][piece.rows] for piece in pieces]
+        targets = _ReadTargets(read, [ctx.dense[piece.batch][piece.rows] for piece in pieces], device)
         fit = refit_block(
             forward, leaves, masks, targets, (train, holdout), config, config.seed + ctx.index, parallel
         )
@@ -257,6 +264,20 @@ def reconstruct_block(
     return BlockReconstruction(
         ctx.index, fit.error_solved, fit.error_refit, fit.epochs, fit.epochs_run, seconds
     )
+
+
+class _ReadTargets(Sequence[Tensor]):
+    """The dense outputs as the reader sees them, computed when asked (no second copy of the targets)."""
+
+    def __init__(self, read: nn.Module, dense: list[Tensor], device: torch.device) -> None:
+        self.read, self.dense, self.device = read, dense, device
+
+    def __len__(self) -> int:
+        return len(self.dense)
+
+    def __getitem__(self, k: int) -> Tensor:  # type: ignore[override]
+        with torch.no_grad():
+            return self.read(self.dense[k].to(self.device, torch.float32))
 
 
 @dataclass

@@ -10,6 +10,7 @@ block, the progress bar, and the report's per-block records.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from ..configuration import MAIHTConfig
 from ..distributed import SINGLE, Parallel
 from ..experts import eager_experts
-from ..model_utils import find_decoder_blocks
+from ..model_utils import final_norm, find_decoder_blocks
 from ..report import BlockReconstruction, KeptDense, LayerReport
 from ..solvers import LayerSolver
 from ..targets import find_targets, kept_dense_weights
@@ -30,6 +31,7 @@ from .capture import (
     Placement,
     activations_device,
     capture_block_inputs,
+    first_reader,
     move_outside_blocks,
     replay,
 )
@@ -87,7 +89,7 @@ def prune_sequential(
     refit = config.reconstruction_epochs > 0
     parked = activations_device(model, input_ids, device, offload_activations, 3 if refit else 2)
     placement = Placement(device, parked)
-    hidden, calls = _capture(
+    hidden, calls, reader_name = _capture(
         model, blocks, parallel.shard_windows(input_ids, config.batch_size), config, store, placement
     )
     home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
@@ -110,6 +112,8 @@ def prune_sequential(
                 dense = replay(blocks[i].to(device), dense, calls[i], placement)
             finished = store.load(i, blocks[i])
             ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement, dense)
+            if dense is not None and finished is None:
+                ctx.reader = _reader(model, blocks_name, blocks, i, reader_name, store, device)
             layers, rebuilt = _prune_block(ctx, solving) if finished is None else ([], None)
             hidden = ctx.replay()
             _warn_non_finite(i, hidden)
@@ -129,18 +133,48 @@ def _capture(
     config: MAIHTConfig,
     store: BlockStore,
     placement: Placement,
-) -> tuple[list[Tensor], list[list[BlockCall]]]:
+) -> tuple[list[Tensor], list[list[BlockCall]], str | None]:
     """Block 0's inputs and every block's recorded calls, from this rank's ``windows``: block 0 and
-    everything outside the blocks are on the compute device meanwhile, and moved back after."""
+    everything outside the blocks are on the compute device meanwhile, and moved back after. With block
+    reconstruction, also the name of the norm by which a block reads the residual stream."""
     home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     store.load(0, blocks[0])
     move_outside_blocks(model, blocks, placement.compute)
     blocks[0].to(placement.compute)
     try:
-        return capture_block_inputs(model, blocks, windows, config.batch_size, placement)
+        hidden, calls = capture_block_inputs(model, blocks, windows, config.batch_size, placement)
+        refit = config.reconstruction_epochs > 0 and hidden
+        reader = first_reader(blocks[0], calls[0][0], placement.fetch(hidden[0])) if refit else None
+        return hidden, calls, reader
     finally:
         move_outside_blocks(model, blocks, home)
         blocks[0].to(home)
+
+
+def _reader(
+    model: nn.Module,
+    blocks_name: str,
+    blocks: nn.ModuleList,
+    index: int,
+    name: str | None,
+    store: BlockStore,
+    device: torch.device,
+) -> nn.Module | None:
+    """A float32 copy, on ``device``, of the norm that reads block ``index``'s output next: block
+    ``index + 1``'s ``name`` (its dense weights loaded: the store would load them for its turn anyway), or
+    the final norm after the last block. ``None`` (the refit then measures the raw output) for a post-norm
+    model or a final norm that cannot be told apart."""
+    if name is None:
+        reader = None
+    elif index + 1 < len(blocks):
+        store.load_dense(index + 1, blocks[index + 1])
+        reader = blocks[index + 1].get_submodule(name)
+    else:
+        reader = final_norm(model, blocks_name)
+    if reader is None:
+        logger.info("block %d: the refit measures its raw output (no norm reading it was found)", index)
+        return None
+    return copy.deepcopy(reader).to(device, torch.float32).requires_grad_(False)
 
 
 def _prune_block(ctx: BlockContext, solving: Solving) -> tuple[list[LayerReport], BlockReconstruction | None]:
