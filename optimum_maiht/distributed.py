@@ -102,8 +102,11 @@ def _destroy() -> None:
 
 def is_main_process() -> bool:
     """Whether this process writes files and prints: rank 0 of an initialized process group, or a single
-    process (a script that checks this after ``prune()``, which joins the group under ``torchrun``)."""
-    return _group_size() <= 1 or dist.get_rank() == 0
+    process (a script that checks this after ``prune()``, which joins the group under ``torchrun``). Before
+    the group is joined, ``torchrun``'s ``RANK`` says (the CLI prints before it prunes)."""
+    if _group_size() > 1:
+        return dist.get_rank() == 0
+    return os.environ.get("RANK", "0") == "0"
 
 
 # --------------------------------------------------------------------------------------------------
