@@ -7,8 +7,8 @@ refitted jointly with Adam to minimise the mean over tokens of each token's rela
 dense model's block outputs and ``R`` the normalisation layer that reads the block's output next (the next
 block's input norm; the final norm after the last block). Through ``R``, because that is how the model
 reads the residual stream: each token divided by its RMS, then each channel scaled by the norm's weight.
-On the raw stream a few massive channels dominate the error (8 of Gemma3-270M's 640 channels hold 97% of
-its squared norm, and its norms scale them down); the refit then trades the other channels away, which
+On the raw stream a few massive channels dominate the error (8 of Gemma3-270M's 640 channels hold 88-98%
+of its squared norm, and its norms scale them down); the refit then trades the other channels away, which
 the model reads amplified, and the held-out perplexity gets worse while the raw error falls
 (docs/design.md, "Block reconstruction"). Per token, because one error over the whole batch is dominated
 by the few tokens with massive activations (the first of each window in most LLMs). Gradients are masked

@@ -143,8 +143,9 @@ def _capture(
     blocks[0].to(placement.compute)
     try:
         hidden, calls = capture_block_inputs(model, blocks, windows, config.batch_size, placement)
-        refit = config.reconstruction_epochs > 0 and hidden
-        reader = first_reader(blocks[0], calls[0][0], placement.fetch(hidden[0])) if refit else None
+        reader = None
+        if config.reconstruction_epochs > 0 and hidden:
+            reader = first_reader(blocks[0], calls[0][0], placement.fetch(hidden[0]))
         return hidden, calls, reader
     finally:
         move_outside_blocks(model, blocks, home)

@@ -197,6 +197,8 @@ class StreamingStore(BlockStore):
         logger.info("partial state (for --resume) in %s", self.partial.folder)
 
     def load_dense(self, index: int, block: nn.Module) -> None:
+        if index in self._loaded and index not in self._done:
+            return  # its dense weights are there already (loaded early as the refit's reader)
         self._load_block(index)
         self._loaded.discard(index)  # load() then gives the pruned weights of a finished block
         if index not in self._done:
