@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -244,31 +245,33 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--work", default=None, help="folder for the checkpoints (default: a new one in /tmp)"
-    )
+def bench_main(name: str, doc: str, run: Callable[[Path], dict], markdown: Callable[[dict], str]) -> None:
+    """The command line of a memory benchmark: measure in a work folder (default: a new one in /tmp,
+    deleted afterwards) and write ``results/NAME.{json,md}``; ``--report-only`` rewrites the .md only."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", default=None, help="folder for the checkpoints (default: a temporary one)")
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the .md from the saved .json, measuring nothing"
     )
     args = parser.parse_args()
     if args.report_only:
-        data = json.loads((RESULTS_DIR / "streaming_memory.json").read_text())
-        (RESULTS_DIR / "streaming_memory.md").write_text(markdown(data))
+        data = json.loads((RESULTS_DIR / f"{name}.json").read_text())
+        (RESULTS_DIR / f"{name}.md").write_text(markdown(data))
         return
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="maiht-streaming-"))
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix=f"maiht-{name}-"))
     try:
         data = run(work)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
     RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "streaming_memory.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS_DIR / "streaming_memory.md").write_text(markdown(data))
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    (RESULTS_DIR / f"{name}.md").write_text(markdown(data))
     print(markdown(data))
+
+
+def main() -> None:
+    bench_main("streaming_memory", __doc__, run, markdown)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,12 @@ they keep the runs short), on the CPU. The two outputs are compared tensor by te
 
 from __future__ import annotations
 
-import argparse
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-from bench_common import RESULTS_DIR, command_line, machine, versions
-from streaming_memory import PRUNE_FLAGS, gib, peak_rss, prune, same_tensors
+from bench_common import command_line, machine, versions
+from streaming_memory import PRUNE_FLAGS, bench_main, gib, peak_rss, prune, same_tensors
 
 MOE = dict(
     hidden_size=512,
@@ -124,28 +120,7 @@ def markdown(data: dict) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--work", default=None, help="folder for the checkpoint (default: a new one in /tmp)")
-    parser.add_argument(
-        "--report-only", action="store_true", help="rewrite the .md from the saved .json, measuring nothing"
-    )
-    args = parser.parse_args()
-    if args.report_only:
-        data = json.loads((RESULTS_DIR / "streaming_moe_memory.json").read_text())
-        (RESULTS_DIR / "streaming_moe_memory.md").write_text(markdown(data))
-        return
-    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="maiht-moe-streaming-"))
-    try:
-        data = run(work)
-    finally:
-        if not args.work:
-            shutil.rmtree(work, ignore_errors=True)
-    RESULTS_DIR.mkdir(exist_ok=True)
-    (RESULTS_DIR / "streaming_moe_memory.json").write_text(json.dumps(data, indent=2) + "\n")
-    (RESULTS_DIR / "streaming_moe_memory.md").write_text(markdown(data))
-    print(markdown(data))
+    bench_main("streaming_moe_memory", __doc__, run, markdown)
 
 
 if __name__ == "__main__":
