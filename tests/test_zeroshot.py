@@ -83,6 +83,7 @@ def by_hand(model, tokenizer) -> tuple[float, float]:
 # -- the numbers ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 20 s: lm-eval run twice over the same tasks
 def test_accuracy_equals_lm_eval_run_directly_and_by_hand(model, tokenizer):
     ours = zeroshot.evaluate_tasks(model, tokenizer, TASK, include_path=DATA)
     theirs = lm_eval_directly(model, tokenizer)
@@ -379,6 +380,7 @@ def folder(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # about 20 s: lm-eval run twice over the same tasks
 def test_eval_tasks_json_equals_lm_eval_run_directly(monkeypatch, capsys, folder, model, tokenizer):
     args = ["maiht", "eval", "--model", str(folder), "--max-windows", "2", "--json"]
     tasks = ["--tasks", TASK, "--include-path", "tests/data", "--limit", "20", "--num-fewshot", "1"]
