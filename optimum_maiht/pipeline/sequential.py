@@ -95,7 +95,8 @@ def prune_sequential(
     home = next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
     solving = Solving.from_config(config, parallel, solver)
     dense = list(hidden) if refit else None  # the dense model's inputs to the next block
-    bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not progress)
+    shown = progress and parallel.is_main  # one bar under torchrun, rank 0's
+    bar = tqdm(range(len(blocks)), desc="mAIHT: pruning blocks", unit="block", disable=not shown)
 
     def status(step: str) -> None:
         """The bar's postfix: what runs now (a layer's solve, a pass...) and the last block's time."""
