@@ -45,29 +45,40 @@ BASELINE = "import torch, transformers; from transformers import LlamaForCausalL
 CLI = [sys.executable, "-m", "optimum.commands.optimum_cli", "maiht", "prune"]
 
 
-def write_checkpoint(folder: Path, blocks: int) -> int:
-    """A random Llama-style checkpoint of ``blocks`` blocks (float32, 1 GB shards) with the demo model's
-    tokenizer; returns the bytes of its weights."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def save_random_model(folder: Path, config_class: type, **fields) -> int:
+    """A random model of ``config_class(**fields)`` (seeded, float32) saved by transformers in 1 GB shards,
+    with the demo model's tokenizer and its vocabulary size; returns the bytes of its weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_maiht.demo import demo_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
-    config = LlamaConfig(
-        **BLOCK,
+    config = config_class(
+        **fields,
         vocab_size=len(tokenizer),
-        num_hidden_layers=blocks,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder, max_shard_size="1GB")
     tokenizer.save_pretrained(folder)
     del model
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def write_checkpoint(folder: Path, blocks: int) -> int:
+    """A random Llama-style checkpoint of ``blocks`` blocks; the bytes of its weights."""
+    from transformers import LlamaConfig
+
+    return save_random_model(
+        folder,
+        LlamaConfig,
+        **BLOCK,
+        num_hidden_layers=blocks,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    )
 
 
 LAUNCHER = (

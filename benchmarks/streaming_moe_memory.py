@@ -18,9 +18,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
 from bench_common import command_line, machine, versions
-from streaming_memory import PRUNE_FLAGS, bench_main, gib, peak_rss, prune, same_tensors
+from streaming_memory import PRUNE_FLAGS, bench_main, gib, peak_rss, prune, same_tensors, save_random_model
 
 MOE = dict(
     hidden_size=512,
@@ -41,24 +40,9 @@ BASELINE = "import torch, transformers; from transformers import Qwen3MoeForCaus
 
 def write_checkpoint(folder: Path) -> int:
     """The random checkpoint, as transformers saves it; the bytes of its weights."""
-    from transformers import AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
+    from transformers import Qwen3MoeConfig
 
-    from optimum_maiht.demo import demo_model_path
-
-    tokenizer = AutoTokenizer.from_pretrained(demo_model_path())
-    config = Qwen3MoeConfig(
-        **MOE,
-        vocab_size=len(tokenizer),
-        num_hidden_layers=BLOCKS,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    torch.manual_seed(0)
-    model = Qwen3MoeForCausalLM(config)
-    model.save_pretrained(folder, max_shard_size="1GB")
-    tokenizer.save_pretrained(folder)
-    del model
-    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return save_random_model(folder, Qwen3MoeConfig, **MOE, num_hidden_layers=BLOCKS)
 
 
 def run(work: Path) -> dict:
