@@ -29,6 +29,9 @@ TEST = "test-00000-of-00001.parquet"
 CALIB_SAMPLES = 64
 CALIB_LENGTH = 512
 EVAL_LENGTH = 512
+BEFORE_29 = {"start": "wanda", "reconstruction_epochs": 0}
+"""The package defaults before issue #29 (mAIHT from Wanda's mask, no block refit): the committed results
+of the scripts that pass these fields were measured with them, and they reproduce those results."""
 
 
 def wikitext2(split_file: str) -> str:
@@ -41,13 +44,14 @@ def wikitext2(split_file: str) -> str:
     return "\n\n".join(pq.read_table(path, columns=["text"]).column("text").to_pylist())
 
 
-def load_demo(dtype: torch.dtype = torch.float32) -> tuple[Any, Any, Path]:
-    """The offline demo model (SmolLM2-135M-Instruct, fp32 folder), its tokenizer and its folder."""
+def load_demo(dtype: torch.dtype = torch.float32, folder: str | Path | None = None) -> tuple[Any, Any, Path]:
+    """The offline demo model (SmolLM2-135M-Instruct, fp32 folder), or the model of a local ``folder``
+    (e.g. Gemma 3 270M saved in float32), its tokenizer and its folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from optimum_maiht.demo import demo_model_path
 
-    path = demo_model_path()
+    path = Path(folder) if folder is not None else demo_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer, path

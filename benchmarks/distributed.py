@@ -38,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import (
+    BEFORE_29,
     RESULTS_DIR,
     calibration_ids,
     command_line,
@@ -137,7 +138,7 @@ def run(out: Path, pattern: str, threads: int) -> None:
     model, tokenizer, _ = load_demo()
     calib = calibration_ids(tokenizer, CALIB_SAMPLES, CALIB_LENGTH)
     windows = test_windows(tokenizer, EVAL_WINDOWS)
-    pruner = MAIHTPruner(model, MAIHTConfig(pattern=pattern), tokenizer, device="cpu")
+    pruner = MAIHTPruner(model, MAIHTConfig(pattern=pattern, **BEFORE_29), tokenizer, device="cpu")
     start = time.perf_counter()
     pruner.prune(calib, eval_dataset=windows, eval_max_windows=None, progress=False)
     wall = time.perf_counter() - start

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_common import BEFORE_29
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -99,7 +100,11 @@ def measured(experts_per_pass: int | None, prune_experts: bool) -> dict:
     pruner = MAIHTPruner(
         model,
         MAIHTConfig(
-            experts_per_pass=experts_per_pass, ignore=ignore, min_expert_tokens=0, sequence_length=256
+            experts_per_pass=experts_per_pass,
+            ignore=ignore,
+            min_expert_tokens=0,
+            sequence_length=256,
+            **BEFORE_29,
         ),
         device="cpu",
     )

@@ -7,17 +7,18 @@ Methods (``--methods``):
   (``MAIHTConfig(solver="magnitude", scope="layer")``: its calibration pass runs, the mask ignores it);
 * ``wanda-llmc``, ``sparsegpt-llmc``: llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier``
   through ``oneshot`` (its sequential pipeline, its defaults, ``lm_head`` ignored);
-* ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (``--maiht-option key=value`` overrides a
-  ``MAIHTConfig`` field, and the run is then labelled with it);
-* ``maiht-rec`` (not run unless asked for): mAIHT plus block reconstruction (``reconstruction_epochs=4``,
-  the other reconstruction fields at their defaults; ``--maiht-option`` applies here too);
-* ``wanda-rec`` (not run unless asked for): Wanda's mask (``solver="wanda"``, per row) plus the same block
-  reconstruction (``--maiht-option`` overrides these fields too; mAIHT's own fields do nothing here);
-* ``sparsegpt-ref``, ``sparsegpt-rec`` (not run unless asked for): our SparseGPT
-  (``optimum_maiht.solvers.sparsegpt``, the paper's Algorithm 1 with its mask choice over each 128-column
-  block: ``solver="sparsegpt", scope="layer"``) in ``MAIHTPruner``'s pipeline, without and with the same
-  block reconstruction: SparseGPT's masks and weights under exactly the refit mAIHT gets
-  (``sparsegpt-ref`` checks our SparseGPT against ``sparsegpt-llmc``).
+* ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (since issue #29: mAIHT from SparseGPT's
+  solution, then one epoch of the block refit; ``--maiht-option key=value`` overrides a ``MAIHTConfig``
+  field, and the run is then labelled with it); ``maiht-fast``: the ``"fast"`` preset
+  (``MAIHTConfig.from_preset("fast")``);
+* not run unless asked for: ``maiht-solve`` (the defaults without the refit: the layer solves alone),
+  ``maiht-rec`` (mAIHT from Wanda's mask plus 4 epochs of the refit, the setting of the earlier
+  reconstruction table), ``wanda-rec`` / ``sparsegpt-rec`` (Wanda's mask, or our SparseGPT's masks and
+  weights, plus the defaults' refit: the ablation of the start), ``sparsegpt-ref`` (our SparseGPT alone,
+  ``optimum_maiht.solvers.sparsegpt``, the paper's Algorithm 1 with its mask choice over each 128-column
+  block: ``solver="sparsegpt", scope="layer"``; it checks our SparseGPT against ``sparsegpt-llmc``).
+  ``--maiht-option`` applies to all of these. Records made before issue #29 ran ``wanda-rec`` and
+  ``sparsegpt-rec`` with 4 epochs and ``maiht`` without the refit: each record's ``details.config`` says.
 
 Every method but ``dense`` and the two llm-compressor ones runs in ``MAIHTPruner``'s pipeline with the
 solver its ``MAIHTConfig`` names (:data:`PIPELINE_METHODS`); the record's ``details.solver`` is the
@@ -67,25 +68,28 @@ from bench_common import (
 )
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.configuration import PRESETS
 from optimum_maiht.evaluation import perplexity, sparsity_by_layer_type
 
 logger = logging.getLogger("quality")
 
-RECONSTRUCTION = {"reconstruction_epochs": 4}
+OFF = {"reconstruction_epochs": 0}
 PIPELINE_METHODS: dict[str, dict[str, Any]] = {
-    "magnitude": {"solver": "magnitude", "scope": "layer"},
+    "magnitude": {"solver": "magnitude", "scope": "layer", **OFF},
     "maiht": {"solver": "maiht"},
-    "maiht-rec": {"solver": "maiht", **RECONSTRUCTION},
-    "wanda-rec": {"solver": "wanda", **RECONSTRUCTION},
-    "sparsegpt-ref": {"solver": "sparsegpt", "scope": "layer"},
-    "sparsegpt-rec": {"solver": "sparsegpt", "scope": "layer", **RECONSTRUCTION},
+    "maiht-fast": {"solver": "maiht", **PRESETS["fast"]},
+    "maiht-solve": {"solver": "maiht", **OFF},
+    "maiht-rec": {"solver": "maiht", "start": "wanda", "reconstruction_epochs": 4},
+    "wanda-rec": {"solver": "wanda"},
+    "sparsegpt-ref": {"solver": "sparsegpt", "scope": "layer", **OFF},
+    "sparsegpt-rec": {"solver": "sparsegpt", "scope": "layer"},
 }
 """Methods run by ``MAIHTPruner``'s pipeline: the ``MAIHTConfig`` fields each sets (``--maiht-option``
 overrides them)."""
 OPTION_METHODS = [m for m in PIPELINE_METHODS if m != "magnitude"]
 """The methods ``--maiht-option`` applies to (magnitude stays the plain baseline, unlabelled)."""
-DEFAULT_METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht"]
-METHODS = DEFAULT_METHODS + ["maiht-rec", "wanda-rec", "sparsegpt-ref", "sparsegpt-rec"]
+DEFAULT_METHODS = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht", "maiht-fast"]
+METHODS = DEFAULT_METHODS + ["maiht-solve", "maiht-rec", "wanda-rec", "sparsegpt-ref", "sparsegpt-rec"]
 SETTINGS = ["50%", "60%", "70%", "2:4", "4:8"]
 RESULTS = RESULTS_DIR / "quality.json"
 REPORTS = RESULTS_DIR.parent / "work" / "reports"
@@ -205,6 +209,7 @@ def prune_pipeline(
 
 
 def run_one(
+    model_folder: str | None,
     method: str,
     setting: str,
     eval_windows: int,
@@ -216,7 +221,7 @@ def run_one(
     """Load the model, prune it with ``method`` at ``setting``, evaluate it: one result record
     (``options``: the ``--maiht-option`` fields, for the methods of :data:`OPTION_METHODS`)."""
     torch.manual_seed(seed)
-    model, tokenizer, path = load_demo()
+    model, tokenizer, path = load_demo(folder=model_folder)
     embedding = model.get_input_embeddings().weight.detach().clone()
     ids = calibration_ids(tokenizer, *calib, seed)
     sparsity, pattern = (0.0, "dense") if method == "dense" else parse_setting(setting)
@@ -267,7 +272,11 @@ def run_one(
         "peak_rss_mb_prune": round(rss_prune, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "details": details,
-        "model": f"SmolLM2-135M-Instruct (offline demo model, fp32, {path.name})",
+        "model": (
+            f"SmolLM2-135M-Instruct (offline demo model, fp32, {path.name})"
+            if model_folder is None
+            else f"{model.config.model_type} ({path.name})"
+        ),
         "machine": machine(),
         "versions": versions(),
         "worker_command": command_line(),
@@ -307,6 +316,9 @@ def main() -> int:
         default=64,
         help="first N 512-token windows of WikiText-2 test; 0 = the whole split",
     )
+    parser.add_argument(
+        "--model", default=None, help="a local float32 model folder (default: the offline demo model)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="calibration window seed")
     parser.add_argument("--calib-samples", type=int, default=CALIB_SAMPLES, help="calibration windows")
     parser.add_argument("--calib-length", type=int, default=CALIB_LENGTH, help="tokens per window")
@@ -332,6 +344,7 @@ def main() -> int:
 
     if args.worker:
         record = run_one(
+            args.model,
             *args.worker,
             args.eval_windows,
             args.seed,
@@ -381,6 +394,8 @@ def main() -> int:
                 "--record",
                 str(record_file),
             ]
+            if args.model is not None:
+                command += ["--model", args.model]
             if method in OPTION_METHODS:
                 command += [f"--maiht-option={o}" for o in args.maiht_option]
             logger.info("run %s at %s", method, setting)

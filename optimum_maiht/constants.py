@@ -32,6 +32,10 @@ DEFAULT_EVAL_TEXT = "wikitext2-test"
 SOLVER_NAMES = ("maiht", "sparsegpt", "wanda", "magnitude")
 """The layer solvers ``MAIHTConfig(solver=...)`` names (``optimum_maiht.solvers``): mAIHT (the default),
 and the baselines users compare it with, on the same calibration in the same pipeline."""
+START_NAMES = ("wanda", "sparsegpt")
+"""Where mAIHT starts each layer (``MAIHTConfig(start=...)``): Wanda's mask (the paper's start) or
+SparseGPT's masks and weights (from which the monotone iteration can only lower the layer error)."""
+START_DISPLAY_NAMES = {"wanda": "Wanda's mask", "sparsegpt": "SparseGPT's solution"}
 SOLVER_DISPLAY_NAMES = {
     "maiht": "mAIHT",
     "sparsegpt": "SparseGPT",

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from . import __version__
+from .constants import SOLVER_DISPLAY_NAMES, START_DISPLAY_NAMES
 
 REPORT_VERSION = 4
 """Version 1 (optimum-maiht 0.1.0) had no ``report_version`` and no ``kept_dense``. Version 2's block
@@ -92,9 +93,9 @@ class LayerReport:
 @dataclass
 class BlockReconstruction:
     """Block reconstruction of one decoder block (docs/design.md, "Block reconstruction"): the error of the
-    pruned block's output against the dense block's, the mean over tokens of ``||Y_t - Y_dense_t||^2 /
-    ||Y_dense_t||^2`` on the held-out calibration batches (no step of the refit has seen them; they choose
-    the epoch kept), before and after the refit of its kept weights."""
+    pruned block's output against the dense block's as the next norm ``R`` reads them, the mean over tokens
+    of ``||R(Y)_t - R(Y_dense)_t||^2 / ||R(Y_dense)_t||^2`` on the held-out calibration batches (no step of
+    the refit has seen them; they choose the epoch kept), before and after the refit of its kept weights."""
 
     block: int
     error_solved: float
@@ -292,6 +293,16 @@ class PruneReport:
     """lm-evaluation-harness results ``{"before": ..., "after": ...}`` (``prune(eval_tasks=...)``)."""
     reconstruction: list[BlockReconstruction] | None = None
     """Per decoder block, when block reconstruction was on (``reconstruction_epochs > 0``)."""
+
+    @property
+    def method(self) -> str:
+        """The layer solver as the card and the summary name it, mAIHT with its start: "mAIHT from
+        SparseGPT's solution". Reports from before ``MAIHTConfig.start`` existed started from Wanda's mask."""
+        name = SOLVER_DISPLAY_NAMES.get(self.solver, self.solver)
+        if self.solver != "maiht":
+            return name
+        start = self.config.get("start", "wanda")
+        return f"{name} from {START_DISPLAY_NAMES.get(start, start)}"
 
     def reconstruction_mean(self) -> dict[str, float] | None:
         """Mean over the refitted blocks of the output errors before and after, and their count."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .compressed import write_compressed
 from .configuration import MAIHTConfig
-from .constants import CONFIG_ANNOTATION_KEY, CONFIG_NAME, REPORT_NAME, SAVE_FORMATS, SOLVER_DISPLAY_NAMES
+from .constants import CONFIG_ANNOTATION_KEY, CONFIG_NAME, REPORT_NAME, SAVE_FORMATS
 from .conversion import saved_state
 from .model_card import write_model_card
 from .report import PruneReport
@@ -259,7 +259,7 @@ def _parameter_name(layer_name: str) -> str:
 def _annotation(config: MAIHTConfig, report: PruneReport, save_format: str) -> dict[str, Any]:
     """The ``"maiht"`` entry of ``config.json``: a summary; the details are in our own files."""
     return {
-        "method": SOLVER_DISPLAY_NAMES.get(report.solver, report.solver),
+        "method": report.method,
         "sparsity": config.sparsity,
         "pattern": config.pattern,
         "measured_sparsity": round(report.sparsity, 6),

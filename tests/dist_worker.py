@@ -131,7 +131,12 @@ def fail(where: str) -> None:
     MAIHTPruner(model, config, solver=solver).prune(calibration_ids(), progress=False)
 
 
-STREAM = dict(num_samples=8, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3)
+# without the block refit: its Adam steps turn last-bit differences of the Gram sums (another summation
+# order on two ranks) into differences of up to the learning rate; test_two_processes_refit_blocks_with_the_
+# same_steps checks the refit under two ranks exactly
+STREAM = dict(
+    num_samples=8, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3, reconstruction_epochs=0
+)
 STREAM_SHARD = "100KB"
 
 

@@ -275,6 +275,41 @@ def test_config_file_then_flags_and_pattern_implies_sparsity(tmp_path: Path) -> 
     assert (config.targets, config.num_samples, config.sparsity) == (["mlp", "attn"], 3, 0.5)
 
 
+def test_preset_then_flags_and_preset_with_config_is_refused(tmp_path: Path) -> None:
+    from optimum_maiht.cli import CLIError, build_config
+    from optimum_maiht.configuration import PRESETS
+
+    parser = leaf_parsers()["prune"]
+    fast = build_config(parser.parse_args(["--output", "x", "--preset", "fast", "--pattern", "2:4"]))
+    assert fast == MAIHTConfig(pattern="2:4", **PRESETS["fast"])
+    assert (fast.reconstruction_epochs, fast.start) == (0, "wanda")
+    given = build_config(parser.parse_args(["--output", "x", "--preset", "fast", "--iterations", "3"]))
+    assert (given.iterations, given.refit_iterations) == (3, PRESETS["fast"]["refit_iterations"])
+    assert build_config(parser.parse_args(["--output", "x", "--preset", "default"])) == MAIHTConfig()
+    args = parser.parse_args(["--output", "x", "--reconstruction-max-gib", "none", "--start", "wanda"])
+    assert (build_config(args).reconstruction_max_gib, build_config(args).start) == (None, "wanda")
+    MAIHTConfig().save_pretrained(tmp_path)
+    args = parser.parse_args(["--output", "x", "--preset", "fast", "--config", str(tmp_path)])
+    with pytest.raises(CLIError, match="--preset and --config both give a whole configuration"):
+        build_config(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--output", "x", "--preset", "slow"])
+    with pytest.raises(CLIError, match=r"start must be 'wanda' or 'sparsegpt', got 'obs' \(from --start\)"):
+        build_config(parser.parse_args(["--output", "x", "--start", "obs"]))
+
+
+def test_preset_fast_is_the_defaults_with_its_changes() -> None:
+    from optimum_maiht.configuration import PRESETS
+
+    assert MAIHTConfig.from_preset("default") == MAIHTConfig()
+    assert MAIHTConfig.from_preset("fast", pattern="2:4").to_dict() == {
+        **MAIHTConfig(pattern="2:4").to_dict(),
+        **PRESETS["fast"],
+    }
+    with pytest.raises(ValueError, match="unknown preset 'slow'; choose one of: default, fast"):
+        MAIHTConfig.from_preset("slow")
+
+
 def test_push_forwards_options_and_reports_hub_errors_in_one_line(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys
 ) -> None:

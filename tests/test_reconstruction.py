@@ -26,7 +26,12 @@ from optimum_maiht.model_card import render_model_card
 from optimum_maiht.model_utils import final_norm, find_decoder_blocks, is_norm
 from optimum_maiht.pipeline import BlockCall, BlockContext, Placement
 from optimum_maiht.pipeline.capture import capture_block_inputs, first_reader, replay
-from optimum_maiht.pipeline.reconstruct import _refit_pieces, holdout_batches, reconstruct_block
+from optimum_maiht.pipeline.reconstruct import (
+    REFIT_BYTES_PER_WEIGHT,
+    _refit_pieces,
+    holdout_batches,
+    reconstruct_block,
+)
 from optimum_maiht.pipeline.solve import Solving, solve_block
 from optimum_maiht.report import BlockReconstruction, PruneReport
 from optimum_maiht.streaming import StreamingStore, partial_folder
@@ -221,22 +226,57 @@ def test_holdout_batches_spread_over_every_rank() -> None:
     assert [holdout_batches([5, 3], 0.25, rank) for rank in (0, 1)] == [[2], [1]]
 
 
-def test_off_by_default_and_epochs_zero_change_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_block_over_the_memory_limit_keeps_its_solved_weights(caplog: pytest.LogCaptureFixture) -> None:
+    model = make_tiny_model("llama")
+    weights = sum(
+        m.weight.numel()
+        for n, m in model.named_modules()
+        if n.startswith("model.layers.0.") and isinstance(m, torch.nn.Linear)
+    )
+    limit = weights * REFIT_BYTES_PER_WEIGHT / 2**30 * 0.99  # just under block 0's refit
+    with caplog.at_level(logging.WARNING, logger="optimum_maiht.pipeline.reconstruct"):
+        pruner = MAIHTPruner(model, config(reconstruction_max_gib=limit))
+        pruner.prune(calibration_ids(16, 32), progress=False)
+    reference = MAIHTPruner(make_tiny_model("llama"), config(reconstruction_epochs=0))
+    reference.prune(calibration_ids(16, 32), progress=False)
+    skipped = [b.skipped for b in pruner.report.reconstruction]
+    assert all(s is not None and "more than reconstruction_max_gib" in s for s in skipped), skipped
+    assert "raise it to refit this block" in caplog.text
+    for name, param in model.named_parameters():
+        assert torch.equal(param, reference.model.get_parameter(name)), name
+    unlimited = MAIHTPruner(make_tiny_model("llama"), config(reconstruction_max_gib=None))
+    unlimited.prune(calibration_ids(16, 32), progress=False)
+    assert all(b.skipped is None for b in unlimited.report.reconstruction)
+
+
+def test_on_by_default_and_zero_epochs_never_refit(monkeypatch: pytest.MonkeyPatch) -> None:
     import optimum_maiht.pipeline.sequential as sequential
+
+    assert MAIHTConfig().reconstruction_epochs == 1
+    assert MAIHTConfig.from_preset("fast").reconstruction_epochs == 0
 
     def never(*args, **kwargs):
         raise AssertionError("block reconstruction ran while off")
 
     monkeypatch.setattr(sequential, "reconstruct_block", never)
-    default = MAIHTPruner(make_tiny_model("llama"), MAIHTConfig(**SMALL))
-    default.prune(calibration_ids(16, 32), progress=False)
-    other = MAIHTConfig(**SMALL, reconstruction_lr=0.5, reconstruction_holdout=0.5)
+    off = MAIHTPruner(make_tiny_model("llama"), MAIHTConfig(**SMALL, reconstruction_epochs=0))
+    off.prune(calibration_ids(16, 32), progress=False)
+    other = MAIHTConfig(**SMALL, reconstruction_epochs=0, reconstruction_lr=0.5, reconstruction_holdout=0.5)
     zero = MAIHTPruner(make_tiny_model("llama"), other)
     zero.prune(calibration_ids(16, 32), progress=False)
-    for name, tensor in default.model.state_dict().items():
+    for name, tensor in off.model.state_dict().items():
         assert torch.equal(tensor, zero.model.state_dict()[name]), name
-    assert default.report.reconstruction is None and "reconstruction" not in default.report.to_dict()
-    assert "Block reconstruction" not in str(render_model_card(default.report))
+    assert off.report.reconstruction is None and "reconstruction" not in off.report.to_dict()
+    assert "Block reconstruction" not in str(render_model_card(off.report))
+
+
+def test_the_defaults_refit_every_block_and_never_raise_its_held_out_error() -> None:
+    pruner = MAIHTPruner(make_tiny_model("llama"), MAIHTConfig(**SMALL))
+    pruner.prune(calibration_ids(16, 32), progress=False)
+    blocks = pruner.report.reconstruction
+    assert [b.block for b in blocks] == [0, 1] and all(b.skipped is None for b in blocks)
+    assert all(b.epochs_run == 1 and b.error_refit <= b.error_solved for b in blocks)
+    assert all(b.epochs == 0 or b.error_refit < b.error_solved for b in blocks)
 
 
 def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
@@ -253,10 +293,17 @@ def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
     mean = report.reconstruction_mean()
     assert mean is not None and mean["error_refit"] < mean["error_solved"]
     card = str(render_model_card(report))
-    assert "Block reconstruction (experimental)" in card and f"{mean['error_refit']:.4f} after" in card
+    assert "with **mAIHT from SparseGPT's solution**" in card
+    assert "Block reconstruction:" in card and f"{mean['error_refit']:.4f} after" in card
+    for b in report.reconstruction:
+        row = f"| {b.block} | {b.error_solved:.4f} | {b.error_refit:.4f} | {b.epochs} of {b.epochs_run} |"
+        assert row in card
     assert "`reconstruction_epochs` | `3`" in card
     summary = prune_summary(report, "tiny", tmp_path, "dense", 1.0)
-    assert f"{mean['error_solved']:.4f} -> {mean['error_refit']:.4f} (mean of 2 blocks)" in summary
+    kept = sum(b.epochs == 0 for b in report.reconstruction)
+    line = f"{mean['error_solved']:.4f} -> {mean['error_refit']:.4f} (mean of 2 blocks; {kept} kept"
+    assert line in summary
+    assert "solver       mAIHT from SparseGPT's solution" in summary
     assert data["report_version"] == 4
 
 
@@ -283,6 +330,10 @@ def test_a_version_2_report_gives_its_held_out_errors() -> None:
         ({"reconstruction_holdout": 1}, r"reconstruction_holdout must be a share in \(0, 1\)"),
         ({"reconstruction_batch_size": 0}, "reconstruction_batch_size must be an integer from 1 to 65,536"),
         ({"reconstruction_batch_size": 2.0}, "reconstruction_batch_size must be an integer from 1 to 65,536"),
+        ({"reconstruction_max_gib": 0}, r"reconstruction_max_gib must be a number of GiB in \(0, "),
+        ({"reconstruction_max_gib": float("nan")}, r"reconstruction_max_gib must be a number of GiB"),
+        ({"reconstruction_max_gib": "16"}, r"reconstruction_max_gib must be a number of GiB"),
+        ({"start": "magnitude"}, "start must be 'wanda' or 'sparsegpt', got 'magnitude'"),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, message: str) -> None:
@@ -296,11 +347,14 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
         reconstruction_lr=3e-4,
         reconstruction_holdout=0.25,
         reconstruction_batch_size=2,
+        reconstruction_max_gib=None,
     )
     again = MAIHTConfig.from_pretrained(cfg.save_pretrained(tmp_path))
     assert again == cfg and again.reconstruction_lr == 3e-4 and again.reconstruction_batch_size == 2
+    assert again.reconstruction_max_gib is None
     default = MAIHTConfig()
-    assert (default.reconstruction_epochs, default.reconstruction_holdout) == (0, 0.125)
+    assert (default.reconstruction_epochs, default.reconstruction_holdout) == (1, 0.125)
+    assert (default.start, default.reconstruction_max_gib) == ("sparsegpt", 32.0)
 
 
 def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(

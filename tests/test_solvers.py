@@ -173,8 +173,8 @@ def test_make_solver_rejects_unknown_names_options_and_values():
         make_solver("sparsegpt", ridge=0.1)
     with pytest.raises(ValueError, match=r"'wanda' has no option 'iterations'; its options: none"):
         make_solver("wanda", iterations=3)
-    with pytest.raises(ValueError, match="'maiht' has no option 'start'"):
-        make_solver("maiht", start=torch.zeros(2, 2))  # a per-problem keyword, given when calling
+    with pytest.raises(ValueError, match="start must be 'wanda' or 'sparsegpt', got a Tensor"):
+        make_solver("maiht", start=torch.zeros(2, 2))  # a start weight is one problem's, given when calling
     for name, value, match in [
         ("iterations", -1, "iterations must be an integer >= 0"),
         ("iterations", 2.0, "iterations must be an integer"),
@@ -191,7 +191,14 @@ def test_make_solver_rejects_unknown_names_options_and_values():
 
 def test_make_solver_fixes_the_options():
     assert solver_options("sparsegpt") == {"dampening": 0.01, "block_size": 128}
-    assert set(solver_options("maiht")) == {"iterations", "refit_iterations", "ridge", "formulation", "seed"}
+    assert set(solver_options("maiht")) == {
+        "iterations",
+        "refit_iterations",
+        "ridge",
+        "formulation",
+        "seed",
+        "start",
+    }
     w, h = synthetic_layer(out=8, din=32, tokens=256)
     result = make_solver("maiht", iterations=3, refit_iterations=2)(w, h, LayerSpec(0.5))
     assert result.iterations == 3 and len(result.history) == 1 + 3 + 2
@@ -371,6 +378,26 @@ def test_warm_start_is_never_worse_than_its_start(first, spec):
     cold = maiht(w, h, spec, iterations=0, refit_iterations=0, start=start.weight)
     torch.testing.assert_close(cold.weight, start.weight, rtol=1e-6, atol=0)  # (x * d) / d
     assert torch.equal(cold.mask, start.mask) and cold.error <= start.error
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=SPEC_IDS)
+def test_start_by_name_is_the_named_solvers_solution(spec):
+    w, h = model_layer()
+    first = sparsegpt(w, h, spec)
+    named = maiht(w, h, spec, start="sparsegpt")
+    assert torch.equal(named.weight, maiht(w, h, spec, start=first.weight).weight)
+    assert named.error <= first.error
+    assert torch.equal(maiht(w, h, spec, start="wanda").weight, maiht(w, h, spec).weight)
+    with pytest.raises(ValueError, match="start must be 'wanda' or 'sparsegpt', got 'obs'"):
+        maiht(w, h, spec, start="obs")
+
+
+def test_sparsegpt_start_for_an_m_that_does_not_divide_128():
+    w, h = synthetic_layer(out=8, din=48, tokens=256)
+    spec = LayerSpec(2 / 3, (1, 3))
+    result = maiht(w, h, spec, start="sparsegpt")
+    assert_contract(result, w, h, spec)
+    assert result.error <= sparsegpt(w, h, spec, block_size=126).error
 
 
 def test_warm_start_falls_back_to_the_start_when_the_ridge_would_raise_the_error():

@@ -30,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: bench_common, quality
 
 from bench_common import (
+    BEFORE_29,
     EVAL_LENGTH,
     RESULTS_DIR,
     calibration_ids,
@@ -106,7 +107,11 @@ def run(setting: str, lam: float, threshold: float, eval_windows: int, batch_siz
     model, tokenizer, path = load_demo()
     ids = calibration_ids(tokenizer)
     config = MAIHTConfig(
-        sparsity=sparsity, num_samples=ids.shape[0], sequence_length=ids.shape[1], batch_size=batch_size
+        sparsity=sparsity,
+        num_samples=ids.shape[0],
+        sequence_length=ids.shape[1],
+        batch_size=batch_size,
+        **BEFORE_29,
     )
     blocks_name, blocks = find_decoder_blocks(model)
     targets = [t.linears for t in find_targets(model, blocks_name, blocks, config)]

@@ -55,11 +55,31 @@ def regex_sparsity(text: str) -> tuple[str, float]:
     return regex, number
 
 
+NO_LIMIT = "none"
+"""What ``--reconstruction-max-gib none`` parses to (a flag's ``None`` means "not given"); ``build_config``
+turns it into the field's ``None``."""
+
+
+def number_or_none(text: str) -> float | str:
+    """A number, or :data:`NO_LIMIT` for ``none``."""
+    if text.strip().lower() == NO_LIMIT:
+        return NO_LIMIT
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or 'none'") from None
+
+
 CONFIG_FLAGS: dict[str, ConfigFlag] = {
     "solver": ConfigFlag(
         str,
         "layer solver: 'maiht' (this package's), or the baselines 'sparsegpt', 'wanda', 'magnitude' on the "
         "same calibration",
+    ),
+    "start": ConfigFlag(
+        str,
+        "where mAIHT starts each layer: 'sparsegpt' (SparseGPT's solution, which mAIHT can only improve) or "
+        "'wanda' (Wanda's mask, faster)",
     ),
     "sparsity": ConfigFlag(
         float,
@@ -103,8 +123,8 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
     ),
     "reconstruction_epochs": ConfigFlag(
         int,
-        "experimental block reconstruction: at most this many epochs refitting each block's kept weights "
-        "to the dense block's output (0: off)",
+        "block reconstruction: at most this many epochs refitting each block's kept weights to the dense "
+        "block's output, the epoch kept chosen on held-out calibration windows (0: off)",
     ),
     "reconstruction_lr": ConfigFlag(float, "Adam learning rate of the block reconstruction"),
     "reconstruction_holdout": ConfigFlag(
@@ -114,6 +134,11 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
         int,
         "calibration windows per Adam step of the block reconstruction (each batch is cut into pieces; "
         "--batch-size or more: one step per batch)",
+    ),
+    "reconstruction_max_gib": ConfigFlag(
+        number_or_none,
+        "a block whose refit would hold more GiB than this (22 bytes per pruned weight) keeps its "
+        "solved weights, with a warning; 'none': no limit",
     ),
     "layer_sparsity": ConfigFlag(
         regex_sparsity,

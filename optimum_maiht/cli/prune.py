@@ -16,6 +16,7 @@ from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 from optimum_maiht.constants import DEFAULT_CALIBRATION_TEXT, DEFAULT_EVAL_TEXT, REPORT_NAME, SAVE_FORMATS
 
 from .arguments import (
+    NO_LIMIT,
     EvalWindows,
     add_evaluation_flags,
     add_model_loading,
@@ -83,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="maiht_config.json (or its folder) to start from; flags given override it (default: none, "
         "MAIHTConfig's defaults)",
     )
+    _add_preset_flag(parser)
     _add_config_flags(parser)
     parser.add_argument(
         "--dataset",
@@ -145,6 +147,19 @@ def _add_memory_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
+    from optimum_maiht.configuration import PRESETS
+
+    parser.add_argument(
+        "--preset",
+        default=None,
+        choices=list(PRESETS),
+        help="named configuration to start from, flags given override it: 'default' (MAIHTConfig's defaults: "
+        "SparseGPT's start, mAIHT, one epoch of the block refit) or 'fast' (Wanda's start, 10 iterations, no "
+        "refit: about SparseGPT's time); not with --config (default: 'default')",
+    )
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per ``MAIHTConfig`` field, default ``None`` (= not given: --config or the default applies)."""
     group = parser.add_argument_group(
@@ -167,17 +182,24 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> MAIHTConfig:
-    """``MAIHTConfig`` from ``--config FILE`` (if given) overridden by the flags given explicitly; an
-    invalid value's error says which flag (or the config file) it came from."""
+    """``MAIHTConfig`` from ``--preset`` or ``--config FILE`` (if given) overridden by the flags given
+    explicitly; an invalid value's error says which flag (or the config file) it came from."""
     from optimum_maiht import MAIHTConfig
+    from optimum_maiht.configuration import PRESETS
 
     values: dict[str, Any] = {}
+    if args.preset is not None and args.config is not None:
+        raise CLIError("--preset and --config both give a whole configuration; pass one of them")
+    if args.preset is not None:
+        values = dict(PRESETS[args.preset])
     if args.config is not None:
         path = Path(args.config).expanduser()
         if not path.exists():
             raise CLIError(f"--config {args.config}: file not found")
         values = MAIHTConfig.from_pretrained(path).to_dict()
     given = {name: getattr(args, name) for name, _, _ in config_flags() if getattr(args, name) is not None}
+    if given.get("reconstruction_max_gib") == NO_LIMIT:
+        given["reconstruction_max_gib"] = None
     if "layer_sparsity" in given:  # REGEX=SPARSITY pairs
         given["layer_sparsity"] = dict(given["layer_sparsity"])
     if "pattern" in given and "sparsity" not in given and given["pattern"] != "unstructured":
@@ -355,6 +377,7 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
         "mAIHT pruning done",
         f"  model        {model}",
         f"  pattern      {config['pattern']} (target sparsity {config['sparsity']:.2%})",
+        f"  solver       {report.method}",
         f"  calibration  {calib['num_samples']} x {calib['sequence_length']} tokens from {calib['source']}",
         f"  sparsity     {report.sparsity:.2%} over {len(report.pruned)} layers{skipped}",
     ]
@@ -364,9 +387,11 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
         )
     rebuilt = report.reconstruction_mean()
     if rebuilt is not None:
+        kept = sum(1 for b in report.reconstruction or [] if b.skipped is None and b.epochs == 0)
         lines.append(
             f"  block rec.   held-out output error vs the dense blocks {rebuilt['error_solved']:.4f} -> "
-            f"{rebuilt['error_refit']:.4f} (mean of {rebuilt['blocks']} blocks)"
+            f"{rebuilt['error_refit']:.4f} (mean of {rebuilt['blocks']} blocks; {kept} kept the solved "
+            f"weights; per block in {REPORT_NAME})"
         )
     if report.evaluation:
         lines.append(_perplexity_line(report.evaluation))

@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 
 PATIENCE = 2
 """Epochs without a lower held-out error after which the refit stops."""
+REFIT_BYTES_PER_WEIGHT = 22
+"""What the refit holds per pruned weight: its float32 copy, the best weights saved, the gradient and Adam's
+two moments (4 bytes each) and two boolean masks."""
 CUT_TOLERANCE = 1e-4
 """A call cut by rows must give the whole batch's outputs for those rows within this relative difference."""
 
@@ -221,6 +224,14 @@ def reconstruct_block(
             f"{sum(counts)} calibration batch: none can be held out to choose the epochs; raise num_samples "
             "or lower batch_size"
         )
+    elif config.reconstruction_max_gib is not None:
+        gib = refit_gib(params)
+        if gib > config.reconstruction_max_gib:
+            skipped = (
+                f"the refit would hold {gib:.1f} GiB, more than reconstruction_max_gib="
+                f"{config.reconstruction_max_gib:g}; raise it to refit this block"
+            )
+    if skipped is not None and params:
         logger.warning("block %d: block reconstruction skipped: %s", ctx.index, skipped)
     if skipped is not None:
         return BlockReconstruction(ctx.index, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
@@ -264,6 +275,13 @@ def reconstruct_block(
     return BlockReconstruction(
         ctx.index, fit.error_solved, fit.error_refit, fit.epochs, fit.epochs_run, seconds
     )
+
+
+def refit_gib(params: Sequence[Tensor]) -> float:
+    """GiB the refit of ``params`` holds (:data:`REFIT_BYTES_PER_WEIGHT` per weight; a tensor listed twice,
+    such as a fused experts tensor, counts once)."""
+    unique = {id(p): p for p in params}.values()
+    return sum(p.numel() for p in unique) * REFIT_BYTES_PER_WEIGHT / 2**30
 
 
 class _ReadTargets(Sequence[Tensor]):

@@ -71,6 +71,7 @@ def configured_solver(config: MAIHTConfig) -> LayerSolver:
             ridge=config.ridge,
             formulation=config.formulation,
             seed=config.seed,
+            start=config.start,
         )
         return make_solver("maiht", **options)
     return make_solver(config.solver)

@@ -48,23 +48,21 @@ _SOLVERS: dict[str, Callable[..., SolverResult]] = dict(
 )
 """By the names ``MAIHTConfig.solver`` takes (:data:`optimum_maiht.constants.SOLVER_NAMES`)."""
 
-# keywords that belong to one layer problem, not to a solver (passed at call time)
-_PER_PROBLEM = ("start",)
-
 
 def solver_options(name: str) -> dict[str, Any]:
     """The options of solver ``name`` with their defaults (raises ValueError for an unknown name)."""
     if name not in _SOLVERS:
         raise ValueError(f"unknown solver {name!r}; choose one of: {', '.join(SOLVER_NAMES)}")
     parameters = inspect.signature(_SOLVERS[name]).parameters.values()
-    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY and p.name not in _PER_PROBLEM}
+    return {p.name: p.default for p in parameters if p.kind is p.KEYWORD_ONLY}
 
 
 def make_solver(name: str, **options: Any) -> LayerSolver:
     """Solver ``name`` (one of :data:`SOLVER_NAMES`) with ``options`` (its own keywords) fixed.
 
     Unknown names, unknown options and option values out of range raise ValueError here, not at the first
-    layer. mAIHT's ``start`` is per layer problem: pass it when calling the solver.
+    layer. mAIHT's ``start`` is a name here (``"wanda"``, ``"sparsegpt"``); a start weight of one layer
+    problem is passed when calling the solver.
     """
     known = solver_options(name)
     unknown = sorted(set(options) - set(known))

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..constants import START_NAMES
+
 __all__ = [
     "LayerSpec",
     "SolverResult",
@@ -119,6 +121,7 @@ _OPTIONS: dict[str, tuple[str, Any]] = {
     "ridge": ("number", 0.0),
     "dampening": ("number", 0.0),
     "formulation": ("choice", ("constraint", "penalty")),
+    "start": ("choice", START_NAMES),
 }
 
 
@@ -127,8 +130,9 @@ def check_options(**options: Any) -> None:
     for name, value in options.items():
         kind, rule = _OPTIONS[name]
         if kind == "choice":
-            if value not in rule:
-                raise ValueError(f"{name} must be {' or '.join(map(repr, rule))}, got {value!r}")
+            if not isinstance(value, str) or value not in rule:
+                shown = repr(value) if isinstance(value, (str, int, float)) else f"a {type(value).__name__}"
+                raise ValueError(f"{name} must be {' or '.join(map(repr, rule))}, got {shown}")
             continue
         types = (int,) if kind == "int" else (int, float)
         if isinstance(value, bool) or not isinstance(value, types) or not value >= rule:  # "not >=": NaN

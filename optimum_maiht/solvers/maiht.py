@@ -45,6 +45,7 @@ from .common import (
     relative_output_error,
     scored_result,
 )
+from .sparsegpt import sparsegpt
 
 __all__ = ["maiht", "column_scale", "lambda_max"]
 
@@ -61,7 +62,7 @@ def maiht(
     ridge: float = 0.01,
     formulation: str = "constraint",
     seed: int = 0,
-    start: Tensor | None = None,
+    start: Tensor | str = "wanda",
 ) -> SolverResult:
     """Prune one linear layer with mAIHT and refit the kept weights.
 
@@ -76,15 +77,16 @@ def maiht(
             (the paper's l0-penalty form: threshold at ``sqrt(2 lam step)`` with ``lam`` adapted toward the
             target density, then an exact top-k fixes the mask; unstructured only).
         seed: seeds the power iteration that estimates the step size.
-        start: a feasible ``(out, in)`` weight (e.g. another solver's result) to start from instead of
-            Wanda's projection of ``weight``.
+        start: where the iteration starts: ``"wanda"`` (Wanda's projection of ``weight``, the paper's
+            start), ``"sparsegpt"`` (SparseGPT's masks and weights on the same ``gram``: mAIHT can then
+            only lower SparseGPT's layer error), or a feasible ``(out, in)`` weight of its own.
 
-    The returned error is never above the start's (Wanda's mask, or ``start`` in ``weight``'s dtype).
+    The returned error is never above the start's (in ``weight``'s dtype).
     """
     _check_arguments(weight, gram, spec, iterations, refit_iterations, ridge, formulation, seed)
     w0 = weight.detach().float()
     h = gram.to(weight.device)
-    start_weight = None if start is None else _feasible_start(start, weight, spec)
+    start_weight = _start_point(start, weight, gram, spec)
 
     # 1. the column-scaled problem and its step size
     problem = _LayerProblem.build(w0, h, ridge, seed)
@@ -140,6 +142,18 @@ def _check_arguments(
     )
     if formulation == "penalty" and spec.nm is not None:
         raise ValueError("formulation='penalty' applies to unstructured sparsity only (spec.nm is set)")
+
+
+def _start_point(start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerSpec) -> Tensor | None:
+    """The start as a feasible weight (``None``: Wanda's projection, computed in the scaled space)."""
+    if isinstance(start, str):
+        check_options(start=start)
+        if start == "wanda":
+            return None
+        # SparseGPT's lazy blocks must hold whole groups of M: the largest multiple of M up to 128
+        block = 128 if spec.nm is None else spec.nm[1] * max(1, 128 // spec.nm[1])
+        return sparsegpt(weight, gram, spec, block_size=block).weight
+    return _feasible_start(start, weight, spec)
 
 
 def _feasible_start(start: Tensor, weight: Tensor, spec: LayerSpec) -> Tensor:
