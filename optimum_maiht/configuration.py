@@ -65,11 +65,12 @@ MATCH_TIMEOUT = 0.1
 
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {},
-    "fast": {"start": "wanda", "iterations": 10, "refit_iterations": 10, "reconstruction_epochs": 0},
+    "fast": {"start": "wanda", "reconstruction_epochs": 0},
 }
 """Named starting points (``MAIHTConfig.from_preset``, ``optimum-cli maiht prune --preset``): ``"default"``
-is the dataclass's defaults (the best pruning measured); ``"fast"`` drops the block refit and SparseGPT's
-start and halves mAIHT's iterations, to run in about SparseGPT's time (benchmarks/results/quality.md)."""
+is the dataclass's defaults (SparseGPT's start, mAIHT, one epoch of the block refit); ``"fast"`` is mAIHT
+alone from Wanda's mask (5 iterations, 5 conjugate-gradient steps), no block refit: below SparseGPT's
+perplexity in about 0.75x its time on the demo model (README, "Benchmarks")."""
 
 MAX_CONFIG_BYTES = 2**20
 """Largest ``maiht_config.json`` read (ours are under 2 KB)."""
@@ -154,8 +155,10 @@ class MAIHTConfig:
         scope: unstructured comparison group: ``"row"`` (per output channel, Wanda's choice) or ``"layer"``.
         formulation: ``"constraint"`` (project onto the sparsity set, monotone) or ``"penalty"`` (the
             paper's l0-penalty form with adaptive lambda; unstructured only).
-        iterations: mAIHT iterations per layer.
-        refit_iterations: conjugate-gradient steps that refit the kept weights on the final mask.
+        iterations: mAIHT iterations per layer. 5 (default): from SparseGPT's start and under the block
+            refit, 20 iterations and 30 CG steps gave 1% higher perplexity on the demo model at 2:4 and 5%
+            lower on Gemma3-270M, in about twice the solve time (``benchmarks/results/refit_start.md``).
+        refit_iterations: conjugate-gradient steps that refit the kept weights on the final mask (5).
         ridge: added to the unit diagonal of the column-scaled Gram matrix (keeps the problem well-posed).
             0.01 (like SparseGPT's 1% dampening) gave lower layer errors than the paper's 0.1 on SmolLM2.
         targets: regexes (``re.search`` on the full module name); a linear layer inside a decoder block is
@@ -204,8 +207,8 @@ class MAIHTConfig:
     pattern: str = "unstructured"
     scope: str = "row"
     formulation: str = "constraint"
-    iterations: int = 20
-    refit_iterations: int = 30
+    iterations: int = 5
+    refit_iterations: int = 5
     ridge: float = 0.01
     targets: list[str] = field(default_factory=lambda: [r".*"])
     ignore: list[str] = field(default_factory=lambda: list(DEFAULT_IGNORE))

@@ -283,8 +283,8 @@ def test_preset_then_flags_and_preset_with_config_is_refused(tmp_path: Path) -> 
     fast = build_config(parser.parse_args(["--output", "x", "--preset", "fast", "--pattern", "2:4"]))
     assert fast == MAIHTConfig(pattern="2:4", **PRESETS["fast"])
     assert (fast.reconstruction_epochs, fast.start) == (0, "wanda")
-    given = build_config(parser.parse_args(["--output", "x", "--preset", "fast", "--iterations", "3"]))
-    assert (given.iterations, given.refit_iterations) == (3, PRESETS["fast"]["refit_iterations"])
+    given = build_config(parser.parse_args(["--output", "x", "--preset", "fast", "--start", "sparsegpt"]))
+    assert (given.start, given.reconstruction_epochs) == ("sparsegpt", 0)  # the flag given wins
     assert build_config(parser.parse_args(["--output", "x", "--preset", "default"])) == MAIHTConfig()
     args = parser.parse_args(["--output", "x", "--reconstruction-max-gib", "none", "--start", "wanda"])
     assert (build_config(args).reconstruction_max_gib, build_config(args).start) == (None, "wanda")

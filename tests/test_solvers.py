@@ -392,6 +392,18 @@ def test_start_by_name_is_the_named_solvers_solution(spec):
         maiht(w, h, spec, start="obs")
 
 
+def test_sparsegpt_start_that_cannot_be_computed_falls_back_to_wanda_with_a_warning(caplog):
+    w, h = synthetic_layer(out=8, din=32, tokens=256)
+    h = h - 0.9 * torch.linalg.eigvalsh(h).max() * torch.eye(32)  # indefinite even after 1% dampening
+    spec = LayerSpec(0.5)
+    with pytest.raises(ValueError, match="not positive definite after dampening"):
+        sparsegpt(w, h, spec)
+    with caplog.at_level("WARNING", logger="optimum_maiht.solvers.maiht"):
+        result = maiht(w, h, spec, start="sparsegpt")
+    assert "mAIHT starts from Wanda's mask instead" in caplog.text
+    assert torch.equal(result.weight, maiht(w, h, spec, start="wanda").weight)
+
+
 def test_sparsegpt_start_for_an_m_that_does_not_divide_128():
     w, h = synthetic_layer(out=8, din=48, tokens=256)
     spec = LayerSpec(2 / 3, (1, 3))

@@ -45,7 +45,7 @@ from .common import (
     relative_output_error,
     scored_result,
 )
-from .sparsegpt import sparsegpt
+from .sparsegpt import NotPositiveDefinite, sparsegpt
 
 __all__ = ["maiht", "column_scale", "lambda_max"]
 
@@ -152,7 +152,11 @@ def _start_point(start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerS
             return None
         # SparseGPT's lazy blocks must hold whole groups of M: the largest multiple of M up to 128
         block = 128 if spec.nm is None else spec.nm[1] * max(1, 128 // spec.nm[1])
-        return sparsegpt(weight, gram, spec, block_size=block).weight
+        try:
+            return sparsegpt(weight, gram, spec, block_size=block).weight
+        except NotPositiveDefinite as err:  # mAIHT's ridge still makes its own problem well-posed
+            logger.warning("%s: mAIHT starts from Wanda's mask instead", err)
+            return None
     return _feasible_start(start, weight, spec)
 
 

@@ -23,7 +23,11 @@ from torch import Tensor
 
 from .common import LayerSpec, SolverResult, check_options, check_problem, keep, scored_result, topk_mask
 
-__all__ = ["sparsegpt"]
+__all__ = ["NotPositiveDefinite", "sparsegpt"]
+
+
+class NotPositiveDefinite(ValueError):
+    """The dampened Gram matrix has no Cholesky factor."""
 
 
 def sparsegpt(
@@ -63,7 +67,7 @@ def _inverse_cholesky(h: Tensor, dampening: float) -> tuple[Tensor, Tensor]:
     if not info:
         u, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
     if info:
-        raise ValueError(
+        raise NotPositiveDefinite(
             f"SparseGPT: the Gram matrix is not positive definite after dampening={dampening}; "
             "raise dampening or use more calibration tokens"
         )
