@@ -4,9 +4,10 @@
     python benchmarks/refit_start.py --model GEMMA3_FOLDER --start maiht-sparsegpt --iterations 5 --cg 5
 
 One run per call, appended to ``results/refit_start.json``; ``--render`` writes ``results/refit_start.md``.
-The start (``--start``): ``sparsegpt`` (our SparseGPT alone, ``solver="sparsegpt", scope="layer"``),
-``maiht-wanda`` (mAIHT from Wanda's mask, the former default) or ``maiht-sparsegpt`` (mAIHT from
-SparseGPT's solution, ``start="sparsegpt"``), with ``--iterations`` / ``--cg`` for mAIHT; then
+The start (``--start``): ``wanda`` (Wanda's mask, weights unchanged), ``sparsegpt`` (our SparseGPT,
+``solver="sparsegpt", scope="layer"``), ``maiht-wanda`` (mAIHT from Wanda's mask, the former default) or
+``maiht-sparsegpt`` (mAIHT from SparseGPT's solution, ``start="sparsegpt"``), with ``--iterations`` /
+``--cg`` for mAIHT; then
 ``--epochs`` of the block refit (0: the layer solves alone). Calibration: ``--windows`` windows of
 ``--length`` tokens of the bundled WikiText-2 validation text (seed 0, BOS first), batches of 8; perplexity
 on the first ``--eval`` windows of ``--length`` tokens of WikiText-2 test, which calibration never sees.
@@ -33,6 +34,7 @@ from optimum_maiht.demo import demo_model_path
 
 RESULTS = RESULTS_DIR / "refit_start.json"
 STARTS = {
+    "wanda": {"solver": "wanda"},
     "sparsegpt": {"solver": "sparsegpt", "scope": "layer"},
     "maiht-wanda": {"solver": "maiht", "start": "wanda"},
     "maiht-sparsegpt": {"solver": "maiht", "start": "sparsegpt"},
@@ -51,7 +53,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     setting = (
         {"pattern": args.setting} if ":" in args.setting else {"sparsity": float(args.setting[:-1]) / 100}
     )
-    mine = {"iterations": args.iterations, "refit_iterations": args.cg} if args.start != "sparsegpt" else {}
+    mine = (
+        {"iterations": args.iterations, "refit_iterations": args.cg} if args.start.startswith("maiht") else {}
+    )
     config = MAIHTConfig(
         **setting,
         **STARTS[args.start],
@@ -87,7 +91,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+MODELS = {"LlamaForCausalLM": "SmolLM2-135M-Instruct", "Gemma3ForCausalLM": "Gemma 3 270M"}
 START_NAMES = {
+    "wanda": "Wanda's mask",
     "sparsegpt": "SparseGPT",
     "maiht-wanda": "mAIHT from Wanda's mask",
     "maiht-sparsegpt": "mAIHT from SparseGPT's solution",
@@ -119,9 +125,13 @@ def render(runs: list[dict[str, Any]]) -> str:
             r = rows[key].get(s)
             cells.append("–" if r is None else f"{r['perplexity']:.2f} ({r['layer_error_geomean']:.4f})")
         mine = "–" if iterations is None else f"{iterations} / {cg}"
+        name = MODELS.get(model, model)
         lines.append(
-            f"| {model} | {windows} | {START_NAMES[start]} | {mine} | {epochs} | " + " | ".join(cells) + " |"
+            f"| {name} | {windows} | {START_NAMES[start]} | {mine} | {epochs} | " + " | ".join(cells) + " |"
         )
+    notes = sorted({r["provenance"] for r in runs if "provenance" in r})
+    notes += sorted({r["machine"]["note"] for r in runs if "note" in r.get("machine", {})})
+    lines += ["", *[f"- {note}." for note in notes]] if notes else []
     return "\n".join(lines) + "\n"
 
 
