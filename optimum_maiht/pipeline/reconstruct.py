@@ -216,21 +216,7 @@ def reconstruct_block(
     params += [w.param for w in ctx.targets.experts if w.name in pruned]
     counts = parallel.gather(len(ctx.hidden))
     held_batches = set(holdout_batches(counts, config.reconstruction_holdout, parallel.rank))
-    skipped = None
-    if not params:
-        skipped = "no pruned layer"
-    elif sum(counts) < 2:
-        skipped = (
-            f"{sum(counts)} calibration batch: none can be held out to choose the epochs; raise num_samples "
-            "or lower batch_size"
-        )
-    elif config.reconstruction_max_gib is not None:
-        gib = refit_gib(params)
-        if gib > config.reconstruction_max_gib:
-            skipped = (
-                f"the refit would hold {gib:.1f} GiB, more than reconstruction_max_gib="
-                f"{config.reconstruction_max_gib:g}; raise it to refit this block"
-            )
+    skipped = _skip_reason(params, sum(counts), config)
     if skipped is not None and params:
         logger.warning("block %d: block reconstruction skipped: %s", ctx.index, skipped)
     if skipped is not None:
@@ -275,6 +261,25 @@ def reconstruct_block(
     return BlockReconstruction(
         ctx.index, fit.error_solved, fit.error_refit, fit.epochs, fit.epochs_run, seconds
     )
+
+
+def _skip_reason(params: Sequence[Tensor], batches: int, config: MAIHTConfig) -> str | None:
+    """Why a block's refit cannot run (``None``: it can): nothing pruned, fewer than two calibration
+    batches in all (none could be held out), or more memory than ``reconstruction_max_gib``."""
+    if not params:
+        return "no pruned layer"
+    if batches < 2:
+        return (
+            f"{batches} calibration batch: none can be held out to choose the epochs; raise num_samples or "
+            "lower batch_size"
+        )
+    limit = config.reconstruction_max_gib
+    if limit is not None and (gib := refit_gib(params)) > limit:
+        return (
+            f"the refit would hold {gib:.1f} GiB, more than reconstruction_max_gib={limit:g}; raise it to "
+            "refit this block"
+        )
+    return None
 
 
 def refit_gib(params: Sequence[Tensor]) -> float:
