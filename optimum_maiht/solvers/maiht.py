@@ -86,7 +86,8 @@ def maiht(
     _check_arguments(weight, gram, spec, iterations, refit_iterations, ridge, formulation, seed)
     w0 = weight.detach().float()
     h = gram.to(weight.device)
-    start_weight = _start_point(start, weight, gram, spec)
+    start_point = _start_point(start, weight, gram, spec)
+    start_weight = None if start_point is None else start_point[0]
 
     # 1. the column-scaled problem and its step size
     problem = _LayerProblem.build(w0, h, ridge, seed)
@@ -116,9 +117,9 @@ def maiht(
         refit_iterations=refit_iterations,
         step_size=problem.step,
     )
-    if start_weight is None:
+    if start_point is None:
         return _no_worse_than_start(result, keep(weight.detach(), wanda), result.error_wanda, spec)
-    return _no_worse_than_start(result, start_weight, relative_output_error(start_weight, w0, h), spec)
+    return _no_worse_than_start(result, *start_point, spec)
 
 
 def _check_arguments(
@@ -144,8 +145,11 @@ def _check_arguments(
         raise ValueError("formulation='penalty' applies to unstructured sparsity only (spec.nm is set)")
 
 
-def _start_point(start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerSpec) -> Tensor | None:
-    """The start as a feasible weight (``None``: Wanda's projection, computed in the scaled space)."""
+def _start_point(
+    start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerSpec
+) -> tuple[Tensor, float] | None:
+    """The start as a feasible weight with its relative output error (``None``: Wanda's projection,
+    computed in the scaled space)."""
     if isinstance(start, str):
         check_options(start=start)
         if start == "wanda":
@@ -153,11 +157,13 @@ def _start_point(start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerS
         # SparseGPT's lazy blocks must hold whole groups of M: the largest multiple of M up to 128
         block = 128 if spec.nm is None else spec.nm[1] * max(1, 128 // spec.nm[1])
         try:
-            return sparsegpt(weight, gram, spec, block_size=block).weight
+            first = sparsegpt(weight, gram, spec, block_size=block)
         except NotPositiveDefinite as err:  # mAIHT's ridge still makes its own problem well-posed
             logger.warning("%s: mAIHT starts from Wanda's mask instead", err)
             return None
-    return _feasible_start(start, weight, spec)
+        return first.weight, first.error  # its error is already scored: not computed a second time
+    start_weight = _feasible_start(start, weight, spec)
+    return start_weight, relative_output_error(start_weight, weight.detach().float(), gram.to(weight.device))
 
 
 def _feasible_start(start: Tensor, weight: Tensor, spec: LayerSpec) -> Tensor:
