@@ -154,10 +154,8 @@ def _start_point(
         check_options(start=start)
         if start == "wanda":
             return None
-        # SparseGPT's lazy blocks must hold whole groups of M: the largest multiple of M up to 128
-        block = 128 if spec.nm is None else spec.nm[1] * max(1, 128 // spec.nm[1])
         try:
-            first = sparsegpt(weight, gram, spec, block_size=block)
+            first = sparsegpt(weight, gram, spec)
         except NotPositiveDefinite as err:  # mAIHT's ridge still makes its own problem well-posed
             logger.warning("%s: mAIHT starts from Wanda's mask instead", err)
             return None

@@ -5,7 +5,8 @@
 * take the upper Cholesky factor ``U`` of ``H^-1`` (``H^-1 = U^T U``): row ``j`` of ``U`` divided by
   ``U_jj`` is the OBS update of the columns right of ``j`` when weight ``j`` is removed, with the columns
   left of ``j`` already fixed;
-* sweep the columns left to right in lazy blocks of ``block_size``: inside a block each column is masked
+* sweep the columns left to right in lazy blocks of ``block_size`` (for N:M rounded down to whole groups of
+  M, at least one: the N:M result does not depend on the block size): inside a block each column is masked
   and its error ``(w - q) / U_jj`` spread over the block's remaining columns; the block's errors are
   applied to all later columns with one matmul;
 * the mask is chosen by the OBS saliency ``w^2 / U_jj^2`` on the weights as updated so far: for N:M when
@@ -36,12 +37,14 @@ def sparsegpt(
     """Prune ``weight`` (out, in) with SparseGPT on the Gram matrix ``gram`` (in, in).
 
     ``dampening``: added to the diagonal of ``H``, as a fraction of its mean; ``block_size``: columns per
-    lazy block (and per unstructured mask choice; a multiple of M for N:M).
+    lazy block (and per unstructured mask choice). For N:M it is rounded down to a multiple of M (at least
+    M), so any pattern runs with the default: an N:M mask is chosen group by group as the sweep reaches it,
+    so the block size changes only how the updates are batched, not the result.
     """
     check_problem(weight, gram, spec)
     check_options(dampening=dampening, block_size=block_size)
-    if spec.nm is not None and block_size % spec.nm[1]:
-        raise ValueError(f"block_size={block_size} must be a multiple of M={spec.nm[1]} for the N:M pattern")
+    if spec.nm is not None:
+        block_size = spec.nm[1] * max(1, block_size // spec.nm[1])
     dtype = torch.promote_types(weight.dtype, torch.float32)
     w0 = weight.detach().to(dtype)
     h = gram.to(weight.device, dtype)
