@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import shlex
@@ -131,3 +132,17 @@ def command_line() -> str:
     """This process's command line, relative to the repository root when possible."""
     argv = [sys.executable, *sys.argv]
     return " ".join(shlex.quote(a) for a in argv).replace(str(REPO_DIR) + "/", "")
+
+
+def parse_options(options: list[str]) -> dict[str, Any]:
+    """``["iterations=40", "scope=layer"]`` -> ``{"iterations": 40, "scope": "layer"}`` (JSON values)."""
+    parsed = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or not key:
+            raise ValueError(f"option {option!r} must look like key=value, e.g. iterations=40")
+        try:
+            parsed[key] = json.loads(value)
+        except json.JSONDecodeError:
+            parsed[key] = value
+    return parsed

@@ -62,6 +62,7 @@ from bench_common import (
     command_line,
     load_demo,
     machine,
+    parse_options,
     tensor_digest,
     test_windows,
     versions,
@@ -108,20 +109,6 @@ def parse_setting(setting: str) -> tuple[float, str]:
     if match and 0 < int(match[1]) < int(match[2]):
         return 1 - int(match[1]) / int(match[2]), setting
     raise ValueError(f"setting {setting!r} must be a percentage like '50%' or an N:M pattern like '2:4'")
-
-
-def parse_options(options: list[str]) -> dict[str, Any]:
-    """``["iterations=40", "scope=layer"]`` -> ``{"iterations": 40, "scope": "layer"}`` (JSON values)."""
-    parsed = {}
-    for option in options:
-        key, sep, value = option.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--maiht-option {option!r} must look like key=value, e.g. iterations=40")
-        try:
-            parsed[key] = json.loads(value)
-        except json.JSONDecodeError:
-            parsed[key] = value
-    return parsed
 
 
 # --------------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ The start (``--start``): ``wanda`` (Wanda's mask, weights unchanged), ``sparsegp
 ``solver="sparsegpt", scope="layer"``), ``maiht-wanda`` (mAIHT from Wanda's mask, the former default) or
 ``maiht-sparsegpt`` (mAIHT from SparseGPT's solution, ``start="sparsegpt"``), with ``--iterations`` /
 ``--cg`` for mAIHT; then
-``--epochs`` of the block refit (0: the layer solves alone). Calibration: ``--windows`` windows of
+``--epochs`` of the block refit (0: the layer solves alone); ``--option KEY=VALUE`` sets any other
+``MAIHTConfig`` field (e.g. ``scope=layer``), named in the row. Calibration: ``--windows`` windows of
 ``--length`` tokens of the bundled WikiText-2 validation text (seed 0, BOS first), batches of 8; perplexity
 on the first ``--eval`` windows of ``--length`` tokens of WikiText-2 test, which calibration never sees.
 ``GEMMA3_FOLDER``: Gemma 3 270M as a float32 folder (see ``refit_reader.py``). One torch thread: two runs
@@ -24,7 +25,7 @@ import time
 from typing import Any
 
 import torch
-from bench_common import DATA_DIR, RESULTS_DIR, TEST, machine, versions
+from bench_common import DATA_DIR, RESULTS_DIR, TEST, machine, parse_options, versions
 from refit_reader import perplexity
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -64,6 +65,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         num_samples=args.windows,
         sequence_length=args.length,
         batch_size=8,
+        **args.option,
     )
     start = time.perf_counter()
     pruner = MAIHTPruner(model, config, tokenizer, device="cpu")
@@ -79,6 +81,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "iterations": mine.get("iterations"),
         "cg": mine.get("refit_iterations"),
         "epochs": args.epochs,
+        "options": args.option,
         "windows": args.windows,
         "length": args.length,
         "eval_windows": args.eval,
@@ -105,7 +108,8 @@ def render(runs: list[dict[str, Any]]) -> str:
     settings = sorted({r["setting"] for r in runs}, key=lambda s: (":" in s, s))
     rows: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in runs:
-        key = (r["model"], r["windows"], r["start"], r["iterations"], r["cg"], r["epochs"])
+        options = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items()))
+        key = (r["model"], r["windows"], r["start"], r["iterations"], r["cg"], r["epochs"], options)
         rows.setdefault(key, {})[r["setting"]] = r
     lines = [
         "# Which start serves the block refit (issue #29)",
@@ -118,17 +122,16 @@ def render(runs: list[dict[str, Any]]) -> str:
         "| model | windows | start | mAIHT iterations / CG | refit epochs | " + " | ".join(settings) + " |",
         "|---|---:|---|---|---:|" + "---:|" * len(settings),
     ]
-    for key in sorted(rows, key=lambda k: (k[0], k[1], k[5], k[2], -(k[3] or 0))):
-        model, windows, start, iterations, cg, epochs = key
+    for key in sorted(rows, key=lambda k: (k[0], k[1], k[5], k[2], -(k[3] or 0), k[6])):
+        model, windows, start, iterations, cg, epochs, options = key
         cells = []
         for s in settings:
             r = rows[key].get(s)
             cells.append("–" if r is None else f"{r['perplexity']:.2f} ({r['layer_error_geomean']:.4f})")
         mine = "–" if iterations is None else f"{iterations} / {cg}"
         name = MODELS.get(model, model)
-        lines.append(
-            f"| {name} | {windows} | {START_NAMES[start]} | {mine} | {epochs} | " + " | ".join(cells) + " |"
-        )
+        label = START_NAMES[start] + (f" [{options}]" if options else "")
+        lines.append(f"| {name} | {windows} | {label} | {mine} | {epochs} | " + " | ".join(cells) + " |")
     notes = sorted({r["provenance"] for r in runs if "provenance" in r})
     notes += sorted({r["machine"]["note"] for r in runs if "note" in r.get("machine", {})})
     lines += ["", *[f"- {note}." for note in notes]] if notes else []
@@ -146,8 +149,16 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--eval", type=int, default=32)
+    parser.add_argument(
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another MAIHTConfig field, e.g. scope=layer (repeatable)",
+    )
     parser.add_argument("--render", action="store_true", help="only write results/refit_start.md")
     args = parser.parse_args()
+    args.option = parse_options(args.option)
     data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
     if not args.render:
         torch.set_num_threads(1)
