@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -189,7 +190,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
             va="top",
         )
     ax.set_yscale("log")
-    ax.set_ylim(top=PLOT_TOP * 2.5)
+    # bars start at the bottom of the axis: a decade below the lowest value keeps every bar visible
+    values = [min(r["ppl"], PLOT_TOP) for r in runs.values()]
+    ax.set_ylim(10 ** math.floor(math.log10(min(values) / 2)), max(values) * 2.5)
     ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
     ax.yaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2, 5)))
     ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
@@ -199,7 +202,8 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("WikiText-2 test perplexity (log scale, lower is better)")
     full = next(iter(runs.values()))["eval"]["all_windows"]
     scope = "full test split" if full else f"first {windows} windows"
-    ax.set_title(f"SmolLM2-135M-Instruct pruned one-shot: perplexity ({scope} of 512 tokens)", fontsize=10)
+    model = next(iter(runs.values()))["model"].split(" (")[0]
+    ax.set_title(f"{model} pruned one-shot: perplexity ({scope} of 512 tokens)", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
