@@ -38,8 +38,8 @@ def sparsegpt(
 
     ``dampening``: added to the diagonal of ``H``, as a fraction of its mean; ``block_size``: columns per
     lazy block (and per unstructured mask choice). For N:M it is rounded down to a multiple of M (at least
-    M), so any pattern runs with the default: an N:M mask is chosen group by group as the sweep reaches it,
-    so the block size changes only how the updates are batched, not the result.
+    M): any pattern then runs with the default, and the result is the same, since the N:M mask is chosen
+    group by group as the sweep reaches it (the block size only batches the updates).
     """
     check_problem(weight, gram, spec)
     check_options(dampening=dampening, block_size=block_size)
