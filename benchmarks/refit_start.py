@@ -7,11 +7,11 @@ One run per call, appended to ``results/refit_start.json``; ``--render`` writes 
 The start (``--start``): ``wanda`` (Wanda's mask, weights unchanged), ``sparsegpt`` (our SparseGPT,
 ``solver="sparsegpt", scope="layer"``), ``maiht-wanda`` (mAIHT from Wanda's mask, the former default) or
 ``maiht-sparsegpt`` (mAIHT from SparseGPT's solution, ``start="sparsegpt"``), with ``--iterations`` /
-``--cg`` for mAIHT; then
-``--epochs`` of the block refit (0: the layer solves alone); ``--option KEY=VALUE`` sets any other
-``MAIHTConfig`` field (e.g. ``scope=layer``), named in the row. Calibration: ``--windows`` windows of
-``--length`` tokens of the bundled WikiText-2 validation text (seed 0, BOS first), batches of 8; perplexity
-on the first ``--eval`` windows of ``--length`` tokens of WikiText-2 test, which calibration never sees.
+``--cg`` for mAIHT; then ``--epochs`` of the block refit (0: the layer solves alone); ``--option KEY=VALUE``
+sets any other ``MAIHTConfig`` field (e.g. ``scope=layer``), named in the row. Calibration: ``--windows``
+windows of ``--length`` tokens of the bundled WikiText-2 validation text (seed 0, BOS first), batches of 8;
+perplexity on the first ``--eval`` windows of ``--length`` tokens of WikiText-2 test, which calibration
+never sees.
 ``GEMMA3_FOLDER``: Gemma 3 270M as a float32 folder (see ``refit_reader.py``). One torch thread: two runs
 can share the 2-core machine; the prune times are then not comparable with ``quality.py``'s.
 """

@@ -200,9 +200,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(range(len(settings)), settings)
     ax.set_xlabel("sparsity (unstructured %) or N:M pattern")
     ax.set_ylabel("WikiText-2 test perplexity (log scale, lower is better)")
-    full = next(iter(runs.values()))["eval"]["all_windows"]
-    scope = "full test split" if full else f"first {windows} windows"
-    model = next(iter(runs.values()))["model"].split(" (")[0]
+    any_run = next(iter(runs.values()))
+    scope = "full test split" if any_run["eval"]["all_windows"] else f"first {windows} windows"
+    model = any_run["model"].split(" (")[0]
     ax.set_title(f"{model} pruned one-shot: perplexity ({scope} of 512 tokens)", fontsize=10)
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=3, frameon=False)
     fig.tight_layout()
