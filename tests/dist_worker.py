@@ -37,7 +37,7 @@ CASES = {
     "qwen3_moe-2:4": ("qwen3_moe", dict(pattern="2:4", min_expert_tokens=0, experts_per_pass=3)),
 }
 FAILURE = "injected failure on rank 1"
-RECONSTRUCTION = dict(SMALL, batch_size=2, pattern="2:4", reconstruction_epochs=2, reconstruction_lr=1e-4)
+RECONSTRUCTION = dict(SMALL, batch_size=2, pattern="2:4", reconstruction_epochs=2, reconstruction_lr=5e-3)
 
 
 def build(case: str):

@@ -31,6 +31,7 @@ from optimum_maiht.pipeline.reconstruct import (
     _refit_pieces,
     holdout_batches,
     reconstruct_block,
+    refit_block,
 )
 from optimum_maiht.pipeline.solve import Solving, solve_block
 from optimum_maiht.report import BlockReconstruction, PruneReport
@@ -43,7 +44,7 @@ SMALL = dict(num_samples=16, sequence_length=32, batch_size=2, iterations=3, ref
 
 
 def config(**changes) -> MAIHTConfig:
-    return MAIHTConfig(**{**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 1e-4, **changes})
+    return MAIHTConfig(**{**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 5e-3, **changes})
 
 
 def pruned_block(model, cfg: MAIHTConfig) -> tuple[BlockContext, list]:
@@ -185,6 +186,35 @@ def test_refit_keeps_the_starting_weights_when_it_cannot_help(caplog: pytest.Log
     for name, tensor in ctx.block.state_dict().items():
         assert torch.equal(tensor, before[name]), name
     assert "never lowered the held-out output error" in caplog.text
+
+
+def test_the_refits_steps_follow_each_weights_scale() -> None:
+    """Two chained layers, the first 10x larger and the second 10x smaller than in a reference: the same
+    function, so the refit must take the same path, each step scaled with its tensor, and end with the
+    reference's weights scaled the same way. An absolute learning rate moves both by the same amount:
+    relatively 100x more for the small one."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(16, 8, generator=generator) for _ in range(8)]
+    masks = [torch.rand(6, 8, generator=generator) > 0.5, torch.rand(4, 6, generator=generator) > 0.5]
+    start = [
+        torch.randn(6, 8, generator=generator) * masks[0],
+        torch.randn(4, 6, generator=generator) * masks[1],
+    ]
+    dense = [torch.randn(6, 8, generator=generator), torch.randn(4, 6, generator=generator)]
+    targets = [x @ dense[0].T @ dense[1].T for x in inputs]
+    cfg = config(reconstruction_lr=1e-2, reconstruction_epochs=2)
+    ends = []
+    for scale in (1.0, 10.0):
+        params = [(start[0] * scale).requires_grad_(), (start[1] / scale).requires_grad_()]
+
+        def forward(k: int, params: list[torch.Tensor] = params) -> torch.Tensor:
+            return inputs[k] @ params[0].T @ params[1].T
+
+        result = refit_block(forward, params, masks, targets, (range(7), [7]), cfg, 0, SINGLE)
+        assert result.epochs >= 1 and result.error_refit < result.error_solved
+        ends.append([p.detach() for p in params])
+    torch.testing.assert_close(ends[1][0], ends[0][0] * 10.0, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ends[1][1], ends[0][1] / 10.0, rtol=1e-4, atol=1e-6)
 
 
 def test_half_precision_block_is_refitted_in_float32_and_cast_back() -> None:

@@ -126,7 +126,9 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
         "block reconstruction: at most this many epochs refitting each block's kept weights to the dense "
         "block's output, the epoch kept chosen on held-out calibration windows (0: off)",
     ),
-    "reconstruction_lr": ConfigFlag(float, "Adam learning rate of the block reconstruction"),
+    "reconstruction_lr": ConfigFlag(
+        float, "Adam learning rate of the block reconstruction, relative to the RMS of each weight tensor"
+    ),
     "reconstruction_holdout": ConfigFlag(
         float, "share of the calibration batches held out to choose the block reconstruction's epochs"
     ),

@@ -115,7 +115,8 @@ def refit_block(
     (the block on calibration piece ``k``) approaches ``targets[k]``; ``split`` = (training pieces,
     held-out pieces).
 
-    Adam with ``config.reconstruction_lr``, one step per training piece (order reshuffled each epoch,
+    Adam with a step size per tensor of ``config.reconstruction_lr`` times the RMS of its kept weights
+    (:func:`_adam`), one step per training piece (order reshuffled each epoch,
     seeded with ``seed``), at most ``config.reconstruction_epochs`` epochs; the loss of a piece is the mean
     of its :func:`token_errors`. After each epoch the held-out error is measured; the weights with the
     lowest held-out error are kept (the starting ones included) and the refit stops after
@@ -128,7 +129,7 @@ def refit_block(
     best_error, best_epoch = before, 0
     best = [p.detach().clone() for p in params]
     steps = max(parallel.gather(len(train)))
-    optimizer = _adam(params, config.reconstruction_lr)
+    optimizer = _adam(params, masks, config.reconstruction_lr)
     generator = torch.Generator().manual_seed(seed)
     history: list[float] = []
     for epoch in range(1, config.reconstruction_epochs + 1):
@@ -158,13 +159,22 @@ def refit_block(
     return RefitResult(before, best_error, best_epoch, len(history), history)
 
 
-def _adam(params: Sequence[Tensor], lr: float) -> torch.optim.Adam:
-    """Adam, fused (one kernel per step: 40% less time than the per-tensor loop for a block of the demo
-    model on a CPU, where many small steps make it count) where the parameters' device supports it."""
+def _adam(params: Sequence[Tensor], masks: Sequence[Tensor], lr: float) -> torch.optim.Adam:
+    """Adam with one learning rate per tensor: ``lr`` times the RMS of its kept weights. Adam moves every
+    weight by about its learning rate whatever the weight's size, so one absolute rate is a different step
+    on every model: Gemma3-270M's weights are 5-10x smaller than SmolLM2-135M's (RMS 0.014-0.04 against
+    0.05-0.4), and the 1e-3 that suited SmolLM2 overshot there (docs/design.md, "Block reconstruction").
+    Fused (one kernel per step: 40% less time than the per-tensor loop for a block of the demo model on a
+    CPU, where many small steps make it count) where the parameters' device supports it."""
+    with torch.no_grad():  # the pruned entries are zeros: the tensor's norm is its kept weights'
+        groups = [
+            {"params": [p], "lr": lr * float(torch.linalg.vector_norm(p)) / max(int(mask.sum()), 1) ** 0.5}
+            for p, mask in zip(params, masks, strict=True)
+        ]
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
     except (RuntimeError, ValueError):  # a device or dtype without the fused kernel
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(groups, lr=lr)
 
 
 def _step(
