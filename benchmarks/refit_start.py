@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     report = pruner.report
     errors = [layer.error for layer in report.pruned]
+    # the refit's rate always named: the rows without it used the former absolute rate (before 626d520)
+    options = {"reconstruction_lr": config.reconstruction_lr, **args.option} if args.epochs else args.option
     blocks = [b for b in report.reconstruction or [] if b.skipped is None]
     return {
         "model": type(model).__name__,
@@ -81,7 +83,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "iterations": mine.get("iterations"),
         "cg": mine.get("refit_iterations"),
         "epochs": args.epochs,
-        "options": args.option,
+        "options": options,
         "windows": args.windows,
         "length": args.length,
         "eval_windows": args.eval,
