@@ -161,11 +161,14 @@ def main() -> None:
     parser.add_argument("--render", action="store_true", help="only write results/refit_start.md")
     args = parser.parse_args()
     args.option = parse_options(args.option)
-    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    record = None
     if not args.render:
         torch.set_num_threads(1)
         record = run(args)
         print(json.dumps(record), flush=True)
+    # read after the run: two runs sharing the machine each add their record
+    data = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {"runs": []}
+    if record is not None:
         data["runs"].append({**record, "machine": machine(), "versions": versions()})
         RESULTS.write_text(json.dumps(data, indent=1) + "\n")
     (RESULTS_DIR / "refit_start.md").write_text(render(data["runs"]))
