@@ -115,11 +115,11 @@ def refit_block(
     (the block on calibration piece ``k``) approaches ``targets[k]``; ``split`` = (training pieces,
     held-out pieces).
 
-    Adam with a step size per tensor of ``config.reconstruction_lr`` times the RMS of its kept weights
-    (:func:`_adam`), one step per training piece (order reshuffled each epoch,
-    seeded with ``seed``), at most ``config.reconstruction_epochs`` epochs; the loss of a piece is the mean
-    of its :func:`token_errors`. After each epoch the held-out error is measured; the weights with the
-    lowest held-out error are kept (the starting ones included) and the refit stops after
+    Adam with a rate per tensor of ``config.reconstruction_lr`` times the RMS of its kept weights
+    (:func:`_adam`), one step per training piece (order reshuffled each epoch, seeded with ``seed``), at
+    most ``config.reconstruction_epochs`` epochs; the loss of a piece is the mean of its
+    :func:`token_errors`. After each epoch the held-out error is measured; the weights with the lowest
+    held-out error are kept (the starting ones included) and the refit stops after
     :data:`PATIENCE` epochs without improvement or on a non-finite loss. With several ranks every step
     averages the gradients of the ranks' pieces, so every rank takes the same steps and ends with the same
     weights.
@@ -164,8 +164,9 @@ def _adam(params: Sequence[Tensor], masks: Sequence[Tensor], lr: float) -> torch
     weight by about its learning rate whatever the weight's size, so one absolute rate is a different step
     on every model: Gemma3-270M's weights are 5-10x smaller than SmolLM2-135M's (RMS 0.014-0.04 against
     0.05-0.4), and the 1e-3 that suited SmolLM2 overshot there (docs/design.md, "Block reconstruction").
-    Fused (one kernel per step: 40% less time than the per-tensor loop for a block of the demo model on a
-    CPU, where many small steps make it count) where the parameters' device supports it."""
+    Fused where the parameters' device supports it (fused kernels instead of a loop of small ones: 40% less
+    time for a block of the demo model on a CPU, where many small steps make it count; the per-tensor rates
+    left the refit's time as it was)."""
     with torch.no_grad():  # the pruned entries are zeros: the tensor's norm is its kept weights'
         groups = [
             {"params": [p], "lr": lr * float(torch.linalg.vector_norm(p)) / max(int(mask.sum()), 1) ** 0.5}
