@@ -309,6 +309,48 @@ def test_the_defaults_refit_every_block_and_never_raise_its_held_out_error() -> 
     assert all(b.epochs == 0 or b.error_refit < b.error_solved for b in blocks)
 
 
+def _block1_input_gram(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """``X^T X`` of block 1's first projection's inputs when ``model`` runs on ``ids``."""
+    layer = model.model.layers[1].self_attn.q_proj
+    gram = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
+
+    def hook(module, args):
+        x = args[0].reshape(-1, args[0].shape[-1]).double()
+        gram.add_(x.T @ x)
+
+    handle = layer.register_forward_pre_hook(hook)
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            model(input_ids=ids[start : start + batch_size], use_cache=False)
+    handle.remove()
+    return gram
+
+
+@pytest.mark.parametrize("epochs", [0, 1])
+def test_the_statistics_come_from_the_dense_inputs_with_the_refit(epochs: int) -> None:
+    """With the refit on, one pass of the dense block on the dense model's inputs gives both its targets and
+    the layer statistics, so block 1's Gram matrices are the dense model's; without it they come from the
+    pruned model's inputs (docs/design.md, "Statistics from the dense model's inputs")."""
+    cfg = config(reconstruction_epochs=epochs)
+    ids = calibration_ids(cfg.num_samples, cfg.sequence_length)
+    dense_model = make_tiny_model("llama")
+    grams = []
+
+    def recording(weight, gram, spec):
+        grams.append(gram.double())
+        return Solving.from_config(cfg, SINGLE).solver(weight, gram, spec)
+
+    pruner = MAIHTPruner(make_tiny_model("llama"), cfg, solver=recording)
+    pruner.prune(ids, progress=False)
+    expected_dense = _block1_input_gram(dense_model, ids, cfg.batch_size)
+    pruned_copy = copy.deepcopy(pruner.model)  # block 1 pruned too, but only its inputs are read
+    expected_pruned = _block1_input_gram(pruned_copy, ids, cfg.batch_size)
+    assert not torch.allclose(expected_dense, expected_pruned, rtol=1e-3)
+    expected = expected_dense if epochs else expected_pruned
+    same_size = [g for g in grams if g.shape == expected.shape]
+    assert any(torch.allclose(g, expected, rtol=1e-4, atol=1e-6) for g in same_size)
+
+
 def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
     pruner = MAIHTPruner(make_tiny_model("llama"), config())
     pruner.prune(calibration_ids(16, 32), progress=False)

@@ -274,6 +274,14 @@ def reconstruct_block(
     )
 
 
+def refit_skip_reason(ctx: BlockContext, config: MAIHTConfig, parallel: Parallel) -> str | None:
+    """Why the refit of ``ctx``'s block will not run, as far as is known before its layer solves (its
+    targets, the calibration batches); ``None``: it will. A block that will not be refitted is solved on the
+    pruned model's inputs, exactly as with the refit off."""
+    params = [m.weight for m in ctx.targets.linears.values()] + [w.param for w in ctx.targets.experts]
+    return _skip_reason(params, sum(parallel.gather(len(ctx.hidden))), config)
+
+
 def _skip_reason(params: Sequence[Tensor], batches: int, config: MAIHTConfig) -> str | None:
     """Why a block's refit cannot run (``None``: it can): nothing pruned, fewer than two calibration
     batches in all (none could be held out), or more memory than ``reconstruction_max_gib``."""

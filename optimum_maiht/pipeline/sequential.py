@@ -36,7 +36,7 @@ from .capture import (
     replay,
 )
 from .context import BlockContext
-from .reconstruct import reconstruct_block
+from .reconstruct import reconstruct_block, refit_skip_reason
 from .solve import Solving, solve_block
 from .store import IN_MEMORY, BlockStore, FinishedBlock
 
@@ -108,14 +108,21 @@ def prune_sequential(
         for i in bar:
             start = time.perf_counter()
             status(f"block {i}: calibration")
-            if dense is not None:  # the dense block's outputs: the next dense inputs and the refit's targets
+            resumed = store.finished(i)
+            if dense is not None and resumed:  # its dense outputs before load() gives its pruned weights
                 store.load_dense(i, blocks[i])
                 dense = replay(blocks[i].to(device), dense, calls[i], placement)
             finished = store.load(i, blocks[i])
-            ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement, dense)
-            if dense is not None and finished is None:
+            ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement)
+            if dense is not None and not resumed:
                 ctx.reader = _reader(model, blocks_name, blocks, i, reader_name, store, device)
+                if refit_skip_reason(ctx, config, parallel) is None:
+                    ctx.dense_inputs = dense  # one pass: the statistics and the refit's targets
+                else:  # solved as with the refit off; the dense outputs still feed the next blocks
+                    ctx.dense = replay(ctx.block, dense, ctx.calls, placement)
             layers, rebuilt = _prune_block(ctx, solving) if finished is None else ([], None)
+            if ctx.dense is not None:  # the dense block's outputs: the next block's dense inputs
+                dense = ctx.dense
             hidden = ctx.replay()
             _warn_non_finite(i, hidden)
             blocks[i].to(home)
@@ -180,10 +187,18 @@ def _reader(
 
 
 def _prune_block(ctx: BlockContext, solving: Solving) -> tuple[list[LayerReport], BlockReconstruction | None]:
-    """Solve the block's targets and, with block reconstruction on, refit it."""
-    layers = solve_block(ctx.targets, lambda after_batch=None: ctx.replay(after_batch), solving)
-    if ctx.dense is None:
-        return layers, None
+    """Solve the block's targets and, with block reconstruction on, refit it. With ``ctx.dense_inputs`` the
+    statistics come from the dense model's inputs, in the pass that also gives the refit its targets
+    (docs/design.md, "Statistics from the dense model's inputs"); else from the pruned model's (the refit
+    off, or a block it will skip: ``ctx.dense`` is then already there, or ``None`` when it is off)."""
+    if ctx.dense_inputs is None:
+        layers = solve_block(ctx.targets, ctx.replay, solving)
+        if ctx.dense is None:  # the refit is off
+            return layers, None
+    else:
+        layers = solve_block(ctx.targets, ctx.replay_dense, solving)
+        if ctx.dense is None:  # no target was solved: no statistics pass ran
+            ctx.replay_dense()
     solving.status(f"block {ctx.index}: reconstruction")
     return layers, reconstruct_block(ctx, layers, solving.config, solving.parallel)
 

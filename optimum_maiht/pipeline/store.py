@@ -32,6 +32,10 @@ class BlockStore:
     def begin(self, input_ids: Tensor, config: MAIHTConfig) -> None:
         """Called once with the calibration windows and the configuration, before any block is loaded."""
 
+    def finished(self, index: int) -> bool:
+        """Whether an earlier, interrupted run already finished block ``index`` (never, in memory)."""
+        return False
+
     def load_dense(self, index: int, block: nn.Module) -> None:
         """Give block ``index`` its dense weights, even when an earlier run pruned it (block reconstruction
         carries the dense model's activations through every block). In memory every block is dense until

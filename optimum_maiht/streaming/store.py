@@ -196,6 +196,9 @@ class StreamingStore(BlockStore):
         self._done = self.parallel.on_main(start, share=True)
         logger.info("partial state (for --resume) in %s", self.partial.folder)
 
+    def finished(self, index: int) -> bool:
+        return index in self._done
+
     def load_dense(self, index: int, block: nn.Module) -> None:
         if index in self._loaded and index not in self._done:
             return  # its dense weights are there already (loaded early as the refit's reader)
