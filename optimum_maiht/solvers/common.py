@@ -19,6 +19,7 @@ from ..constants import START_NAMES
 
 __all__ = [
     "LayerSpec",
+    "OutputError",
     "SolverResult",
     "check_options",
     "check_problem",
@@ -199,13 +200,29 @@ def wanda_mask(weight: Tensor, gram: Tensor, spec: LayerSpec) -> Tensor:
     return project(weight.float() * feature_norms(gram.to(weight.device)), spec)
 
 
+class OutputError:
+    """Scores pruned copies of one weight on one Gram matrix: ``tr((W-W0) H (W-W0)^T) / tr(W0 H W0^T)``,
+    the share of the layer's output energy lost.
+
+    The denominator is computed once, so a solver that scores its start, its result and Wanda's mask pays one
+    ``(out x in) @ (in x in)`` product per score, not two.
+    """
+
+    def __init__(self, weight0: Tensor, gram: Tensor) -> None:
+        self.gram = gram.float()
+        self.weight0 = weight0.float().to(self.gram.device)
+        self.energy = float((self.weight0 @ self.gram * self.weight0).sum())
+
+    def __call__(self, weight: Tensor) -> float:
+        if self.energy <= 0:
+            return 0.0
+        e = weight.float().to(self.gram.device) - self.weight0
+        return float((e @ self.gram * e).sum()) / self.energy
+
+
 def relative_output_error(weight: Tensor, weight0: Tensor, gram: Tensor) -> float:
-    """``tr((W-W0) H (W-W0)^T) / tr(W0 H W0^T)``: the share of the layer's output energy lost."""
-    h = gram.float()
-    e = (weight.float() - weight0.float()).to(h.device)
-    w0 = weight0.float().to(h.device)
-    den = float((w0 @ h * w0).sum())
-    return float((e @ h * e).sum()) / den if den > 0 else 0.0
+    """``tr((W-W0) H (W-W0)^T) / tr(W0 H W0^T)`` of one weight (:class:`OutputError` scores several)."""
+    return OutputError(weight0, gram)(weight)
 
 
 def scored_result(
@@ -215,19 +232,22 @@ def scored_result(
     weight: Tensor,
     mask: Tensor,
     wanda: Tensor | None = None,
+    error: OutputError | None = None,
     **fields: Any,
 ) -> SolverResult:
     """The result for the pruned ``weight`` of ``weight0``, with its error and Wanda's on ``gram``.
 
-    ``wanda``: Wanda's mask if the solver already has it; ``fields``: passed on to :class:`SolverResult`.
+    ``wanda``: Wanda's mask if the solver already has it; ``error``: the solver's :class:`OutputError` of
+    ``weight0`` on ``gram`` if it has one; ``fields``: passed on to :class:`SolverResult`.
     """
     if wanda is None:
         wanda = wanda_mask(weight0, gram, spec)
-    w0 = weight0.float()
+    if error is None:
+        error = OutputError(weight0, gram)
     return SolverResult(
         weight=weight,
         mask=mask,
-        error=relative_output_error(weight, w0, gram),
-        error_wanda=relative_output_error(keep(w0, wanda), w0, gram),
+        error=error(weight),
+        error_wanda=error(keep(weight0.float(), wanda)),
         **fields,
     )

@@ -36,16 +36,16 @@ from torch import Tensor
 
 from .common import (
     LayerSpec,
+    OutputError,
     SolverResult,
     check_options,
     check_problem,
     feature_norms,
     keep,
     project,
-    relative_output_error,
     scored_result,
 )
-from .sparsegpt import NotPositiveDefinite, sparsegpt
+from .sparsegpt import NotPositiveDefinite, sparsegpt_sweep
 
 __all__ = ["maiht", "column_scale", "lambda_max"]
 
@@ -86,7 +86,8 @@ def maiht(
     _check_arguments(weight, gram, spec, iterations, refit_iterations, ridge, formulation, seed)
     w0 = weight.detach().float()
     h = gram.to(weight.device)
-    start_point = _start_point(start, weight, gram, spec)
+    error = OutputError(w0, h)
+    start_point = _start_point(start, weight, h, spec, error)
     start_weight = None if start_point is None else start_point[0]
 
     # 1. the column-scaled problem and its step size
@@ -112,6 +113,7 @@ def maiht(
         w,
         mask,
         wanda=wanda,
+        error=error,
         history=history,
         iterations=iterations,
         refit_iterations=refit_iterations,
@@ -146,22 +148,22 @@ def _check_arguments(
 
 
 def _start_point(
-    start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerSpec
+    start: Tensor | str, weight: Tensor, gram: Tensor, spec: LayerSpec, error: OutputError
 ) -> tuple[Tensor, float] | None:
-    """The start as a feasible weight with its relative output error (``None``: Wanda's projection,
+    """The start as a feasible weight with its relative output ``error`` (``None``: Wanda's projection,
     computed in the scaled space)."""
     if isinstance(start, str):
         check_options(start=start)
         if start == "wanda":
             return None
         try:
-            first = sparsegpt(weight, gram, spec)
+            start_weight, _ = sparsegpt_sweep(weight, gram, spec)
         except NotPositiveDefinite as err:  # mAIHT's ridge still makes its own problem well-posed
             logger.warning("%s: mAIHT starts from Wanda's mask instead", err)
             return None
-        return first.weight, first.error  # its error is already scored: not computed a second time
-    start_weight = _feasible_start(start, weight, spec)
-    return start_weight, relative_output_error(start_weight, weight.detach().float(), gram.to(weight.device))
+    else:
+        start_weight = _feasible_start(start, weight, spec)
+    return start_weight, error(start_weight)
 
 
 def _feasible_start(start: Tensor, weight: Tensor, spec: LayerSpec) -> Tensor:
@@ -423,7 +425,7 @@ def _refit(problem: _LayerProblem, point: _Point, mask: Tensor, steps: int, hist
     if steps == 0:
         return x
     m = mask.to(x.dtype)
-    eg = (x - v0) @ g
+    eg = point.grad  # (x - V0) G, already known
     r = -eg * m
     p = r.clone()
     rs = torch.linalg.vecdot(r, r, dim=1)

@@ -31,8 +31,17 @@ class NotPositiveDefinite(ValueError):
     """The dampened Gram matrix has no Cholesky factor."""
 
 
+DAMPENING = 0.01
+BLOCK_SIZE = 128
+
+
 def sparsegpt(
-    weight: Tensor, gram: Tensor, spec: LayerSpec, *, dampening: float = 0.01, block_size: int = 128
+    weight: Tensor,
+    gram: Tensor,
+    spec: LayerSpec,
+    *,
+    dampening: float = DAMPENING,
+    block_size: int = BLOCK_SIZE,
 ) -> SolverResult:
     """Prune ``weight`` (out, in) with SparseGPT on the Gram matrix ``gram`` (in, in).
 
@@ -43,13 +52,20 @@ def sparsegpt(
     """
     check_problem(weight, gram, spec)
     check_options(dampening=dampening, block_size=block_size)
+    w, mask = sparsegpt_sweep(weight, gram, spec, dampening, block_size)
+    return scored_result(weight.detach(), gram.to(weight.device), spec, w, mask)
+
+
+def sparsegpt_sweep(
+    weight: Tensor, gram: Tensor, spec: LayerSpec, dampening: float = DAMPENING, block_size: int = BLOCK_SIZE
+) -> tuple[Tensor, Tensor]:
+    """SparseGPT's pruned weight (in ``weight``'s dtype) and its kept-entry mask, unscored and unchecked:
+    for :func:`sparsegpt`, and for mAIHT's start, which scores it with its own :class:`OutputError`."""
     if spec.nm is not None:
         block_size = spec.nm[1] * max(1, block_size // spec.nm[1])
     dtype = torch.promote_types(weight.dtype, torch.float32)
-    w0 = weight.detach().to(dtype)
-    h = gram.to(weight.device, dtype)
-    u, dead = _inverse_cholesky(h, dampening)
-    w = w0.clone()
+    u, dead = _inverse_cholesky(gram.to(weight.device, dtype), dampening)
+    w = weight.detach().to(dtype, copy=True)
     w[:, dead] = 0.0
     pruned = torch.zeros_like(w, dtype=torch.bool)
     cols = w.shape[1]
@@ -57,7 +73,7 @@ def sparsegpt(
         stop = min(start + block_size, cols)
         _sweep_block(w, u, pruned, start, stop, spec)
     mask = ~pruned
-    return scored_result(w0, h, spec, keep(w, mask).to(weight.dtype), mask)
+    return keep(w, mask).to(weight.dtype), mask
 
 
 def _inverse_cholesky(h: Tensor, dampening: float) -> tuple[Tensor, Tensor]:
