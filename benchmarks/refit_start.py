@@ -57,16 +57,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mine = (
         {"iterations": args.iterations, "refit_iterations": args.cg} if args.start.startswith("maiht") else {}
     )
-    config = MAIHTConfig(
-        **setting,
-        **STARTS[args.start],
-        **mine,
-        reconstruction_epochs=args.epochs,
-        num_samples=args.windows,
-        sequence_length=args.length,
-        batch_size=8,
-        **args.option,
-    )
+    fields = {**setting, **STARTS[args.start], **mine, "reconstruction_epochs": args.epochs}
+    fields |= {"num_samples": args.windows, "sequence_length": args.length, "batch_size": 8}
+    config = MAIHTConfig(**fields | args.option)  # --option overrides the start's fields (scope=row)
     start = time.perf_counter()
     pruner = MAIHTPruner(model, config, tokenizer, device="cpu")
     pruner.prune(calibration, progress=False)
