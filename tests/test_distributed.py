@@ -212,9 +212,10 @@ def test_windows_are_shared_out_whole_batches_first():
 
 def test_two_processes_stream_resume_and_write_once(tmp_path):
     """Streaming under torchrun: rank 0 alone writes the partial folder and the output, which matches a
-    one-process streamed run up to summation order (masks >= 99.9% equal), a dense and a fused-expert
-    checkpoint alike; a run failing on rank 1 after two blocks resumes (the finished blocks broadcast by
-    rank 0) and ends bit-identical to the uninterrupted two-process run."""
+    one-process streamed run up to summation order (masks >= 99.9% equal, the rows whose masks agree
+    close: a flipped weight moves its row), a dense and a fused-expert checkpoint alike; a run failing on
+    rank 1 after two blocks resumes (the finished blocks broadcast by rank 0) and ends bit-identical to the
+    uninterrupted two-process run."""
     from dist_worker import STREAM, STREAM_SHARD
     from moe_models import make_moe_model
     from test_streaming import assert_same_tensors, folder_tensors, make_checkpoint
@@ -254,9 +255,12 @@ def test_two_processes_stream_resume_and_write_once(tmp_path):
         assert experts or whole.name == "whole"  # the MoE folder is in the checkpoint's per-expert layout
         for name, tensor in mine.items():
             if tensor.dim() >= 2 and ".layers." in name:
-                agree = float(((tensor == 0) == (theirs[name] == 0)).float().mean())
-                assert agree >= 0.999, (name, agree)
-                assert torch.allclose(tensor, theirs[name], rtol=1e-3, atol=1e-5), name
+                same = (tensor == 0) == (theirs[name] == 0)
+                assert float(same.float().mean()) >= 0.999, (name, float(same.float().mean()))
+                # a flipped weight moves the rest of its row (the solve compensates): compare the others
+                rows = same.reshape(-1, same.shape[-1]).all(-1)
+                mine_rows, their_rows = (t.reshape(-1, t.shape[-1])[rows] for t in (tensor, theirs[name]))
+                assert torch.allclose(mine_rows, their_rows, rtol=1e-3, atol=1e-5), name
 
 
 @pytest.mark.slow
