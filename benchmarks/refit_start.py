@@ -78,8 +78,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "epochs": args.epochs,
         "options": options,
         # with the refit, the layer statistics come from the dense model's inputs since 920b693 (rows
-        # without this key: from the pruned model's)
-        "statistics": "dense inputs" if args.epochs else "pruned inputs",
+        # without this key: from the pruned model's); a block whose refit is rejected is solved again on the
+        # pruned model's inputs since the fallback of this session's sequential._prune_block
+        "statistics": "dense inputs, rejected refits solved again" if args.epochs else "pruned inputs",
         "windows": args.windows,
         "length": args.length,
         "eval_windows": args.eval,
@@ -87,6 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prune_s": round(seconds, 1),
         "layer_error_geomean": round(math.exp(sum(math.log(max(e, 1e-12)) for e in errors) / len(errors)), 5),
         "blocks_refitted": sum(b.epochs > 0 for b in blocks),
+        "blocks_solved_again": sum(b.resolved for b in blocks),
         "blocks": len(blocks) if blocks else None,
         "refit": [[b.block, round(b.error_solved, 5), round(b.error_refit, 5), b.epochs] for b in blocks],
     }
@@ -107,8 +109,9 @@ def render(runs: list[dict[str, Any]]) -> str:
     rows: dict[tuple, dict[str, dict[str, Any]]] = {}
     for r in runs:
         options = ", ".join(f"{k}={v}" for k, v in sorted(r.get("options", {}).items()))
-        if r.get("statistics") == "dense inputs":
-            options += ", statistics from the dense inputs" if options else "statistics from the dense inputs"
+        if r.get("statistics", "pruned inputs") != "pruned inputs":
+            label = "statistics from the " + r["statistics"]
+            options += f", {label}" if options else label
         key = (r["model"], r["windows"], r["start"], r["iterations"], r["cg"], r["epochs"], options)
         rows.setdefault(key, {})[r["setting"]] = r
     lines = [

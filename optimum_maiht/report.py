@@ -108,6 +108,9 @@ class BlockReconstruction:
     seconds: float
     skipped: str | None = None
     """Why this block was not refitted (``None``: it was)."""
+    resolved: bool = False
+    """The refit did not help and the block was solved again on the pruned model's inputs, exactly as with
+    the refit off (its first solves used the dense model's inputs): ``error_refit`` is then that solve's."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

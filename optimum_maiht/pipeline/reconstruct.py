@@ -222,42 +222,27 @@ def reconstruct_block(
     half-precision block is cast and cast back); the zero pattern of every pruned weight is kept exactly.
     ``layers``: the block's layer reports (the targets actually pruned)."""
     start = time.perf_counter()
-    pruned = {layer.name.partition("[")[0] for layer in layers if layer.skipped is None}
-    params = [m.weight for n, m in ctx.targets.linears.items() if n in pruned]
-    params += [w.param for w in ctx.targets.experts if w.name in pruned]
-    counts = parallel.gather(len(ctx.hidden))
-    held_batches = set(holdout_batches(counts, config.reconstruction_holdout, parallel.rank))
-    skipped = _skip_reason(params, sum(counts), config)
+    params = _pruned_params(ctx, layers)
+    skipped = _skip_reason(params, sum(parallel.gather(len(ctx.hidden))), config)
     if skipped is not None and params:
         logger.warning("block %d: block reconstruction skipped: %s", ctx.index, skipped)
     if skipped is not None:
         return BlockReconstruction(ctx.index, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
-    device = params[0].device
-    with _float32(ctx.block, params) as leaves:
-        masks = [p != 0 for p in leaves]
-        calls = [call.float32() for call in ctx.calls]
-        pieces = _refit_pieces(ctx, calls, config.reconstruction_batch_size, device)
-        holdout = [j for j, piece in enumerate(pieces) if piece.batch in held_batches]
-        train = [j for j, piece in enumerate(pieces) if piece.batch not in held_batches]
-
-        read = ctx.reader if ctx.reader is not None else nn.Identity()
-
-        def forward(j: int) -> Tensor:
-            piece = pieces[j]
-            hidden = ctx.hidden[piece.batch][piece.rows].to(device, torch.float32)
-            return read(piece.call.run(ctx.block, hidden))
-
-        targets = _ReadTargets(read, [ctx.dense[piece.batch][piece.rows] for piece in pieces], device)
+    with _refit_problem(ctx, params, config, parallel) as problem:
         fit = refit_block(
-            forward, leaves, masks, targets, (train, holdout), config, config.seed + ctx.index, parallel
+            problem.forward,
+            problem.leaves,
+            problem.masks,
+            problem.targets,
+            problem.split,
+            config,
+            config.seed + ctx.index,
+            parallel,
         )
     seconds = round(time.perf_counter() - start, 3)
     if fit.epochs == 0:
         logger.info(
-            "block %d: the refit never lowered the held-out output error (%.4g); the weights of the layer "
-            "solves are kept",
-            ctx.index,
-            fit.error_solved,
+            "block %d: the refit never lowered the held-out output error (%.4g)", ctx.index, fit.error_solved
         )
     else:
         logger.info(
@@ -272,6 +257,64 @@ def reconstruct_block(
     return BlockReconstruction(
         ctx.index, fit.error_solved, fit.error_refit, fit.epochs, fit.epochs_run, seconds
     )
+
+
+def holdout_error(
+    ctx: BlockContext, layers: list[LayerReport], config: MAIHTConfig, parallel: Parallel
+) -> float:
+    """The held-out output error of ``ctx.block`` as it is now, measured as :func:`reconstruct_block` measures
+    it (the same held-out batches, reader and float32 forward): for weights that no refit produced, such as
+    those of a block solved again after its refit did not help."""
+    params = _pruned_params(ctx, layers)
+    if not params:
+        return 0.0
+    with _refit_problem(ctx, params, config, parallel) as problem:
+        return output_error(problem.forward, problem.targets, problem.split[1], parallel)
+
+
+def _pruned_params(ctx: BlockContext, layers: list[LayerReport]) -> list[Tensor]:
+    """The weights of the targets of ``ctx`` that ``layers`` report as pruned (a fused experts tensor once per
+    expert pruned in it)."""
+    pruned = {layer.name.partition("[")[0] for layer in layers if layer.skipped is None}
+    params = [m.weight for n, m in ctx.targets.linears.items() if n in pruned]
+    return params + [w.param for w in ctx.targets.experts if w.name in pruned]
+
+
+@dataclass
+class _Problem:
+    """The refit of one block as :func:`refit_block` takes it."""
+
+    forward: Callable[[int], Tensor]
+    leaves: list[nn.Parameter]
+    masks: list[Tensor]
+    targets: Sequence[Tensor]
+    split: tuple[list[int], list[int]]
+    """(training pieces, held-out pieces)."""
+
+
+@contextlib.contextmanager
+def _refit_problem(
+    ctx: BlockContext, params: list[Tensor], config: MAIHTConfig, parallel: Parallel
+) -> Iterator[_Problem]:
+    """The block in float32 (:func:`_float32`) with its calibration batches cut into pieces, the held-out
+    ones set apart, and the forward through the reader; the block gets its dtypes back on exit."""
+    counts = parallel.gather(len(ctx.hidden))
+    held_batches = set(holdout_batches(counts, config.reconstruction_holdout, parallel.rank))
+    device = params[0].device
+    with _float32(ctx.block, params) as leaves:  # type: ignore[arg-type]
+        calls = [call.float32() for call in ctx.calls]
+        pieces = _refit_pieces(ctx, calls, config.reconstruction_batch_size, device)
+        holdout = [j for j, piece in enumerate(pieces) if piece.batch in held_batches]
+        train = [j for j, piece in enumerate(pieces) if piece.batch not in held_batches]
+        read = ctx.reader if ctx.reader is not None else nn.Identity()
+
+        def forward(j: int) -> Tensor:
+            piece = pieces[j]
+            hidden = ctx.hidden[piece.batch][piece.rows].to(device, torch.float32)
+            return read(piece.call.run(ctx.block, hidden))
+
+        targets = _ReadTargets(read, [ctx.dense[piece.batch][piece.rows] for piece in pieces], device)
+        yield _Problem(forward, leaves, [p != 0 for p in leaves], targets, (train, holdout))
 
 
 def refit_skip_reason(ctx: BlockContext, config: MAIHTConfig, parallel: Parallel) -> str | None:

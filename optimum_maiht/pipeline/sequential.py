@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from .capture import (
     replay,
 )
 from .context import BlockContext
-from .reconstruct import reconstruct_block, refit_skip_reason
+from .reconstruct import holdout_error, reconstruct_block, refit_skip_reason
 from .solve import Solving, solve_block
 from .store import IN_MEMORY, BlockStore, FinishedBlock
 
@@ -190,17 +191,55 @@ def _prune_block(ctx: BlockContext, solving: Solving) -> tuple[list[LayerReport]
     """Solve the block's targets and, with block reconstruction on, refit it. With ``ctx.dense_inputs`` the
     statistics come from the dense model's inputs, in the pass that also gives the refit its targets
     (docs/design.md, "Statistics from the dense model's inputs"); else from the pruned model's (the refit
-    off, or a block it will skip: ``ctx.dense`` is then already there, or ``None`` when it is off)."""
+    off, or a block it will skip: ``ctx.dense`` is then already there, or ``None`` when it is off). A block
+    whose refit does not lower the held-out error is solved again on the pruned model's inputs: it ends
+    exactly as with the refit off."""
     if ctx.dense_inputs is None:
         layers = solve_block(ctx.targets, ctx.replay, solving)
         if ctx.dense is None:  # the refit is off
             return layers, None
-    else:
-        layers = solve_block(ctx.targets, ctx.replay_dense, solving)
-        if ctx.dense is None:  # no target was solved: no statistics pass ran
-            ctx.replay_dense()
+        solving.status(f"block {ctx.index}: reconstruction")
+        return layers, reconstruct_block(ctx, layers, solving.config, solving.parallel)
+    dense_weights = _copy_weights(ctx)
+    layers = solve_block(ctx.targets, ctx.replay_dense, solving)
+    if ctx.dense is None:  # no target was solved: no statistics pass ran
+        ctx.replay_dense()
     solving.status(f"block {ctx.index}: reconstruction")
-    return layers, reconstruct_block(ctx, layers, solving.config, solving.parallel)
+    rebuilt = reconstruct_block(ctx, layers, solving.config, solving.parallel)
+    if rebuilt.skipped is not None or rebuilt.epochs > 0 or not _inputs_differ(ctx, solving.parallel):
+        return layers, rebuilt  # (same inputs: the solves on the pruned inputs would be these again)
+    solving.status(f"block {ctx.index}: solving again on the pruned inputs")
+    start = time.perf_counter()
+    with torch.no_grad():
+        for weight, dense in dense_weights:
+            weight.copy_(dense)
+    layers = solve_block(ctx.targets, ctx.replay, solving)
+    error = holdout_error(ctx, layers, solving.config, solving.parallel)
+    logger.info(
+        "block %d: solved again on the pruned model's inputs, held-out output error %.4g (%.4g with the "
+        "solves on the dense model's inputs)",
+        ctx.index,
+        error,
+        rebuilt.error_solved,
+    )
+    seconds = round(rebuilt.seconds + time.perf_counter() - start, 3)
+    return layers, dataclasses.replace(rebuilt, error_refit=error, seconds=seconds, resolved=True)
+
+
+def _copy_weights(ctx: BlockContext) -> list[tuple[Tensor, Tensor]]:
+    """Each target weight of the block (a fused experts tensor once) with a copy of its dense values, on the
+    CPU (a block's weights: the GPU is left to the refit)."""
+    weights = [m.weight for m in ctx.targets.linears.values()] + [w.param for w in ctx.targets.experts]
+    unique = {id(w): w for w in weights}.values()
+    return [(w, w.detach().to("cpu", copy=True)) for w in unique]
+
+
+def _inputs_differ(ctx: BlockContext, parallel: Parallel) -> bool:
+    """Whether the pruned model's inputs to the block differ from the dense model's on some rank (they are
+    the same until a pruned block changes them)."""
+    assert ctx.dense_inputs is not None
+    same = all(torch.equal(h, d) for h, d in zip(ctx.hidden, ctx.dense_inputs, strict=True))
+    return parallel.sum([0.0 if same else 1.0])[0] > 0
 
 
 def _warn_non_finite(index: int, hidden: list[Tensor]) -> None:
