@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "prune_s": round(seconds, 1),
         "layer_error_geomean": round(math.exp(sum(math.log(max(e, 1e-12)) for e in errors) / len(errors)), 5),
         "blocks_refitted": sum(b.epochs > 0 for b in blocks),
-        "blocks_solved_again": sum(b.resolved for b in blocks),
+        "blocks_solved_again": sum(b.solved_again for b in blocks),
         "blocks": len(blocks) if blocks else None,
         "refit": [[b.block, round(b.error_solved, 5), round(b.error_refit, 5), b.epochs] for b in blocks],
     }

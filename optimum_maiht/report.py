@@ -108,7 +108,7 @@ class BlockReconstruction:
     seconds: float
     skipped: str | None = None
     """Why this block was not refitted (``None``: it was)."""
-    resolved: bool = False
+    solved_again: bool = False
     """The refit did not help and the block was solved again on the pruned model's inputs, exactly as with
     the refit off (its first solves used the dense model's inputs): ``error_refit`` is then that solve's."""
 

@@ -307,7 +307,7 @@ def test_the_defaults_refit_every_block_and_never_raise_its_held_out_error() -> 
     blocks = pruner.report.reconstruction
     assert [b.block for b in blocks] == [0, 1] and all(b.skipped is None for b in blocks)
     assert all(b.epochs_run == 1 for b in blocks)
-    assert all(b.error_refit < b.error_solved and not b.resolved for b in blocks if b.epochs > 0)
+    assert all(b.error_refit < b.error_solved and not b.solved_again for b in blocks if b.epochs > 0)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
@@ -326,7 +326,7 @@ def test_a_block_the_refit_does_not_help_ends_as_with_the_refit_off(family: str)
     on.prune(ids, progress=False)
     blocks = on.report.reconstruction
     assert [(b.block, b.skipped, b.epochs) for b in blocks] == [(0, None, 0), (1, None, 0)]
-    assert [b.resolved for b in blocks] == [False, True]
+    assert [b.solved_again for b in blocks] == [False, True]
     assert blocks[0].error_refit == blocks[0].error_solved
     assert blocks[1].error_refit != blocks[1].error_solved  # measured again, on other weights
     for name, tensor in off.model.state_dict().items():

@@ -388,7 +388,7 @@ def prune_summary(report: PruneReport, model: str, target: Path, save_format: st
     rebuilt = report.reconstruction_mean()
     if rebuilt is not None:
         kept = sum(1 for b in report.reconstruction or [] if b.skipped is None and b.epochs == 0)
-        again = sum(1 for b in report.reconstruction or [] if b.resolved)
+        again = sum(1 for b in report.reconstruction or [] if b.solved_again)
         lines.append(
             f"  block rec.   held-out output error vs the dense blocks {rebuilt['error_solved']:.4f} -> "
             f"{rebuilt['error_refit']:.4f} (mean of {rebuilt['blocks']} blocks; {kept} kept the solved "

@@ -223,7 +223,7 @@ def _prune_block(ctx: BlockContext, solving: Solving) -> tuple[list[LayerReport]
         rebuilt.error_solved,
     )
     seconds = round(rebuilt.seconds + time.perf_counter() - start, 3)
-    return layers, dataclasses.replace(rebuilt, error_refit=error, seconds=seconds, resolved=True)
+    return layers, dataclasses.replace(rebuilt, error_refit=error, seconds=seconds, solved_again=True)
 
 
 def _copy_weights(ctx: BlockContext) -> list[tuple[Tensor, Tensor]]:
