@@ -64,8 +64,8 @@ def _cell(record: dict[str, Any] | None, field: str) -> str:
         return "–"
     if field == "ppl":
         return f"{record['ppl']:.2f}"
-    if field == "prune_seconds":
-        return f"{record['prune_seconds']:.0f}"
+    if field == "prune_seconds":  # "shared": run beside other work, so not a timing
+        return f"{record['prune_seconds']:.0f}" + (" (shared)" if record.get("shared") else "")
     if field == "sparsity_measured":
         return f"{100 * record['sparsity_measured']:.2f}"
     return f"{record['peak_rss_mb'] / 1024:.2f}"
@@ -86,7 +86,8 @@ def render(records: list[dict[str, Any]]) -> str:
         "(calibration forwards included); peak memory is the run's peak resident set (its own process, "
         "evaluation included). Measured sparsity is the share of exact zeros in the pruned layers: each "
         "method rounds the number of weights kept per row (or per layer) its own way, hence differences of "
-        "up to 0.1 point at 60% and 70%. Lower is better everywhere else.",
+        "up to 0.1 point at 60% and 70%. Lower is better everywhere else. A time marked (shared) is of a "
+        "run that shared the machine with other work: not a timing.",
         "",
     ]
     for windows, runs in sorted(latest(records).items(), key=lambda kv: -kv[0]):
