@@ -40,9 +40,14 @@ class BlockTargets:
     def __bool__(self) -> bool:
         return bool(self.linears or self.experts)
 
+    def parameters(self) -> list[nn.Parameter]:
+        """Every target parameter once (a fused experts tensor holds several targets)."""
+        found = [layer.weight for layer in self.linears.values()] + [w.param for w in self.experts]
+        return list({id(p): p for p in found}.values())
+
     def weights(self) -> set[int]:
         """``id`` of every target parameter."""
-        return {id(layer.weight) for layer in self.linears.values()} | {id(w.param) for w in self.experts}
+        return {id(p) for p in self.parameters()}
 
 
 def matching(patterns: list[str], name: str, field_name: str = "targets") -> str | None:

@@ -321,8 +321,7 @@ def refit_skip_reason(ctx: BlockContext, config: MAIHTConfig, parallel: Parallel
     """Why the refit of ``ctx``'s block will not run, as far as is known before its layer solves (its
     targets, the calibration batches); ``None``: it will. A block that will not be refitted is solved on the
     pruned model's inputs, exactly as with the refit off."""
-    params = [m.weight for m in ctx.targets.linears.values()] + [w.param for w in ctx.targets.experts]
-    return _skip_reason(params, sum(parallel.gather(len(ctx.hidden))), config)
+    return _skip_reason(ctx.targets.parameters(), sum(parallel.gather(len(ctx.hidden))), config)
 
 
 def _skip_reason(params: Sequence[Tensor], batches: int, config: MAIHTConfig) -> str | None:

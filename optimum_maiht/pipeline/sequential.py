@@ -229,9 +229,7 @@ def _prune_block(ctx: BlockContext, solving: Solving) -> tuple[list[LayerReport]
 def _copy_weights(ctx: BlockContext) -> list[tuple[Tensor, Tensor]]:
     """Each target weight of the block (a fused experts tensor once) with a copy of its dense values, on the
     CPU (a block's weights: the GPU is left to the refit)."""
-    weights = [m.weight for m in ctx.targets.linears.values()] + [w.param for w in ctx.targets.experts]
-    unique = {id(w): w for w in weights}.values()
-    return [(w, w.detach().to("cpu", copy=True)) for w in unique]
+    return [(w, w.detach().to("cpu", copy=True)) for w in ctx.targets.parameters()]
 
 
 def _inputs_differ(ctx: BlockContext, parallel: Parallel) -> bool:
