@@ -97,6 +97,7 @@ def test_accuracy_equals_lm_eval_run_directly_and_by_hand(model, tokenizer):
     assert ours.mean() == acc.value and ours.mean("acc_norm") == acc_norm.value
 
 
+@pytest.mark.slow  # about 20 s: lm-eval run twice over the same tasks
 def test_few_shot_and_limit_as_lm_eval_does_them(model, tokenizer):
     ours = zeroshot.evaluate_tasks(model, tokenizer, [TASK], num_fewshot=2, limit=12, include_path=DATA)
     theirs = lm_eval_directly(model, tokenizer, num_fewshot=2, limit=12)
