@@ -307,6 +307,7 @@ def test_the_defaults_refit_every_block_and_never_raise_its_held_out_error() -> 
     blocks = pruner.report.reconstruction
     assert [b.block for b in blocks] == [0, 1] and all(b.skipped is None for b in blocks)
     assert all(b.epochs_run == 1 for b in blocks)
+    assert all(b.error_refit <= b.error_solved for b in blocks if not b.solved_again)
     assert all(b.error_refit < b.error_solved and not b.solved_again for b in blocks if b.epochs > 0)
 
 

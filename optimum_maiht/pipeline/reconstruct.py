@@ -223,12 +223,13 @@ def reconstruct_block(
     ``layers``: the block's layer reports (the targets actually pruned)."""
     start = time.perf_counter()
     params = _pruned_params(ctx, layers)
-    skipped = _skip_reason(params, sum(parallel.gather(len(ctx.hidden))), config)
+    counts = parallel.gather(len(ctx.hidden))
+    skipped = _skip_reason(params, sum(counts), config)
     if skipped is not None and params:
         logger.warning("block %d: block reconstruction skipped: %s", ctx.index, skipped)
     if skipped is not None:
         return BlockReconstruction(ctx.index, 0.0, 0.0, 0, 0, 0.0, skipped=skipped)
-    with _refit_problem(ctx, params, config, parallel) as problem:
+    with _refit_problem(ctx, params, counts, config, parallel) as problem:
         fit = refit_block(
             problem.forward,
             problem.leaves,
@@ -268,7 +269,8 @@ def holdout_error(
     params = _pruned_params(ctx, layers)
     if not params:
         return 0.0
-    with _refit_problem(ctx, params, config, parallel) as problem:
+    counts = parallel.gather(len(ctx.hidden))
+    with _refit_problem(ctx, params, counts, config, parallel) as problem:
         return output_error(problem.forward, problem.targets, problem.split[1], parallel)
 
 
@@ -294,11 +296,11 @@ class _Problem:
 
 @contextlib.contextmanager
 def _refit_problem(
-    ctx: BlockContext, params: list[Tensor], config: MAIHTConfig, parallel: Parallel
+    ctx: BlockContext, params: list[Tensor], counts: list[int], config: MAIHTConfig, parallel: Parallel
 ) -> Iterator[_Problem]:
     """The block in float32 (:func:`_float32`) with its calibration batches cut into pieces, the held-out
-    ones set apart, and the forward through the reader; the block gets its dtypes back on exit."""
-    counts = parallel.gather(len(ctx.hidden))
+    ones set apart (``counts``: batches per rank), and the forward through the reader; the block gets its
+    dtypes back on exit."""
     held_batches = set(holdout_batches(counts, config.reconstruction_holdout, parallel.rank))
     device = params[0].device
     with _float32(ctx.block, params) as leaves:  # type: ignore[arg-type]
