@@ -42,6 +42,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from .gram import add_gram, finite_rows
+
 logger = logging.getLogger(__name__)
 
 Layout = Literal["out_in", "in_out"]
@@ -274,12 +276,9 @@ class ExpertGramRecorder:
             )
         key = (fused.name, e)
         x = x.detach().reshape(-1, w.shape[1] if layout == "out_in" else w.shape[0])
-        finite = torch.isfinite(x).all(dim=1)
-        bad = int((~finite).sum())
-        if bad:
-            x = x[finite]
-            if self._forced is None:
-                self.dropped[key] = self.dropped.get(key, 0) + bad
+        x, bad = finite_rows(x)
+        if bad and self._forced is None:
+            self.dropped[key] = self.dropped.get(key, 0) + bad
         if self._forced is not None:
             gram, tokens = self.gram_all, self.tokens_all
         elif self.experts is None or e in self.experts:
@@ -291,7 +290,7 @@ class ExpertGramRecorder:
         x = x.float()
         if key not in gram:
             gram[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-        gram[key].addmm_(x.t(), x)
+        add_gram(gram[key], x)
 
 
 def _storage_key(t: Tensor) -> tuple[torch.device, int]:

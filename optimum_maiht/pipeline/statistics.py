@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from ..configuration import MAIHTConfig
 from ..distributed import Parallel
 from ..experts import ExpertGramRecorder, FusedExpertWeight, weight_view
+from ..gram import add_gram, finite_rows
 from ..model_utils import weight_matrix
 from ..report import layer_type
 
@@ -63,14 +64,12 @@ class GramCollector:
                 self.tokens[name] = self.tokens.get(name, 0) + self._rows[shared[1]]
                 return
             self._live[id(x)] = (x, name)  # holding x keeps its id unique during this forward
-            x = x.detach().reshape(-1, x.shape[-1]).float()
-            finite = torch.isfinite(x).all(dim=1)
-            if not bool(finite.all()):
-                self.dropped_tokens[name] = self.dropped_tokens.get(name, 0) + int((~finite).sum())
-                x = x[finite]
+            x, dropped = finite_rows(x.detach().reshape(-1, x.shape[-1]).float())
+            if dropped:
+                self.dropped_tokens[name] = self.dropped_tokens.get(name, 0) + dropped
             if name not in self.gram:
                 self.gram[name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
-            self.gram[name].addmm_(x.t(), x)
+            add_gram(self.gram[name], x)
             self._rows[name] = x.shape[0]
             self.tokens[name] = self.tokens.get(name, 0) + x.shape[0]
 
