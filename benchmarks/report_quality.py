@@ -1,8 +1,9 @@
 """Render ``benchmarks/results/quality.json`` as Markdown tables (``quality.md``) and a plot (PNG).
 
-For every method, setting and evaluation size the latest record wins. One table per evaluation size
-(the quick subset and the full test split), each with perplexity, prune time and peak resident memory;
-the plot shows perplexity per setting per method for the largest evaluation size that has the most runs.
+For every machine, evaluation size, method and setting the latest record wins. One section per machine
+and evaluation size (the quick subset and the full test split; the newest machine first, as times are
+comparable only on one machine), each with perplexity, prune time and peak resident memory; the plot shows
+perplexity per setting per method on the newest machine, for its evaluation size that has the most runs.
 
     benchmarks/.venv-llmcompressor/bin/python benchmarks/report_quality.py
 """
@@ -51,12 +52,30 @@ def _order(items: list[str], order: list[str]) -> list[str]:
     return sorted(items, key=lambda x: (order.index(x) if x in order else len(order), x))
 
 
+def machine_name(record: dict[str, Any]) -> str:
+    """The machine a record was run on, as its section names it."""
+    machine = record["machine"]
+    return f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
+
+
 def latest(records: list[dict[str, Any]]) -> dict[int, dict[tuple[str, str], dict[str, Any]]]:
-    """``{eval windows: {(method, setting): latest record}}``."""
+    """``{eval windows: {(method, setting): latest record}}``, whatever the machine."""
     table: dict[int, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
     for record in records:
         table[record["eval"]["windows"]][(record["method"], record["setting"])] = record
     return table
+
+
+def latest_by_machine(
+    records: list[dict[str, Any]],
+) -> dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]]:
+    """``{(machine, eval windows): {(method, setting): latest record}}``, the newest machine's first."""
+    table: dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+    for record in records:
+        key = (machine_name(record), record["eval"]["windows"])
+        table[key][(record["method"], record["setting"])] = record
+    newest = machine_name(records[-1])
+    return dict(sorted(table.items(), key=lambda kv: (kv[0][0] != newest, -kv[0][1])))
 
 
 def _cell(record: dict[str, Any] | None, field: str) -> str:
@@ -90,7 +109,7 @@ def render(records: list[dict[str, Any]]) -> str:
         "run that shared the machine with other work: not a timing.",
         "",
     ]
-    for windows, runs in sorted(latest(records).items(), key=lambda kv: -kv[0]):
+    for (machine, windows), runs in latest_by_machine(records).items():
         any_run = next(iter(runs.values()))
         scope = (
             "the whole test split"
@@ -100,7 +119,8 @@ def render(records: list[dict[str, Any]]) -> str:
         methods = _order(list({m for m, _ in runs}), METHOD_ORDER)
         settings = _order(list({s for _, s in runs if s != "dense"}), SETTING_ORDER)
         dense = runs.get(("dense", "dense"))
-        lines += [f"## Evaluation on {scope}: {windows} windows, {any_run['eval']['tokens']} tokens", ""]
+        tokens = any_run["eval"]["tokens"]
+        lines += [f"## On {machine}: evaluation on {scope}, {windows} windows, {tokens} tokens", ""]
         if dense is not None:
             lines += [f"Dense perplexity: **{dense['ppl']:.2f}**.", ""]
         for field, title in (
@@ -162,7 +182,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    tables = latest(records)
+    newest = machine_name(records[-1])
+    by_machine = latest_by_machine(records).items()
+    tables = {windows: runs for (machine, windows), runs in by_machine if machine == newest}
     windows = max(tables, key=lambda w: (len(tables[w]), w))
     runs = tables[windows]
     methods = [m for m in _order(list({m for m, _ in runs}), METHOD_ORDER) if m != "dense"]

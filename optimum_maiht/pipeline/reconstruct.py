@@ -11,8 +11,9 @@ On the raw stream a few massive channels dominate the error (8 of Gemma3-270M's 
 of its squared norm, and its norms scale them down); the refit then trades the other channels away, which
 the model reads amplified, and the held-out perplexity gets worse while the raw error falls
 (docs/design.md, "Block reconstruction"). Per token, because one error over the whole batch is dominated
-by the few tokens with massive activations (the first of each window in most LLMs). Gradients are masked
-and the zeros re-imposed after every step, so the sparsity pattern never changes. The number of epochs is
+by the few tokens with massive activations (the first of each window in most LLMs). The gradients of the
+pruned weights are set to exactly zero, so Adam's moments and steps there stay zero and the sparsity
+pattern never changes (the zeros are re-imposed once more at the end). The number of epochs is
 chosen on held-out calibration batches: the weights with the lowest held-out error are kept, the starting
 weights included, so the refit never makes the held-out error worse. The errors reported are those
 held-out ones, before and after: measured on windows no step has seen.
@@ -129,6 +130,7 @@ def refit_block(
     best_error, best_epoch = before, 0
     best = [p.detach().clone() for p in params]
     steps = max(parallel.gather(len(train)))
+    pruned = [~mask for mask in masks]
     optimizer = _adam(params, masks, config.reconstruction_lr)
     generator = torch.Generator().manual_seed(seed)
     history: list[float] = []
@@ -137,14 +139,11 @@ def refit_block(
         finite = True
         for step in range(steps):
             finite = _step(
-                forward, params, masks, targets, order[step] if step < len(order) else None, parallel
+                forward, params, pruned, targets, order[step] if step < len(order) else None, parallel
             )
             if not finite:  # diverged: every rank sees it and stops here
                 break
-            optimizer.step()
-            with torch.no_grad():
-                for p, mask in zip(params, masks, strict=True):
-                    p.masked_fill_(~mask, 0.0)
+            optimizer.step()  # a zero gradient leaves Adam's moments, hence its step, exactly zero
         error = output_error(forward, targets, holdout, parallel) if finite else math.inf
         history.append(error)
         if error < best_error:
@@ -181,13 +180,14 @@ def _adam(params: Sequence[Tensor], masks: Sequence[Tensor], lr: float) -> torch
 def _step(
     forward: Callable[[int], Tensor],
     params: Sequence[Tensor],
-    masks: Sequence[Tensor],
+    pruned: Sequence[Tensor],
     targets: Sequence[Tensor],
     batch: int | None,
     parallel: Parallel,
 ) -> bool:
-    """Set each parameter's ``grad`` to the masked gradient of the relative error of ``batch`` (``None``:
-    this rank has no batch at this step), averaged over the ranks that had one; whether the loss was
+    """Set each parameter's ``grad`` to the gradient of the relative error of ``batch`` (``None``: this
+    rank has no batch at this step), averaged over the ranks that had one, and exactly zero where ``pruned``
+    (so the pruned weights stay zero through Adam's step: its moments there stay zero); whether the loss was
     finite on every rank."""
     found: list[Tensor | None] = [None] * len(params)
     flags = torch.zeros(2, dtype=torch.float32, device=params[0].device)  # batches here, non-finite losses
@@ -205,8 +205,8 @@ def _step(
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
     parallel.sum_tensors([*grads, flags], error)
     count, nonfinite = flags.tolist()
-    for p, grad, mask in zip(params, grads, masks, strict=True):
-        p.grad = grad.mul_(mask).div_(max(count, 1.0))
+    for p, grad, zero in zip(params, grads, pruned, strict=True):
+        p.grad = grad.masked_fill_(zero, 0.0).div_(max(count, 1.0))
     return nonfinite == 0
 
 
