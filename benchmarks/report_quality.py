@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +59,14 @@ def machine_name(record: dict[str, Any]) -> str:
     return f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
 
 
-def latest(records: list[dict[str, Any]]) -> dict[int, dict[tuple[str, str], dict[str, Any]]]:
-    """``{eval windows: {(method, setting): latest record}}``, whatever the machine."""
-    table: dict[int, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
+def latest(
+    records: list[dict[str, Any]], key: Callable[[dict[str, Any]], Any] = lambda r: r["eval"]["windows"]
+) -> dict[Any, dict[tuple[str, str], dict[str, Any]]]:
+    """``{key(record): {(method, setting): latest record}}``; by default keyed by eval windows, whatever
+    the machine."""
+    table: dict[Any, dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
     for record in records:
-        table[record["eval"]["windows"]][(record["method"], record["setting"])] = record
+        table[key(record)][(record["method"], record["setting"])] = record
     return table
 
 
@@ -70,10 +74,7 @@ def latest_by_machine(
     records: list[dict[str, Any]],
 ) -> dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]]:
     """``{(machine, eval windows): {(method, setting): latest record}}``, the newest machine's first."""
-    table: dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]] = defaultdict(dict)
-    for record in records:
-        key = (machine_name(record), record["eval"]["windows"])
-        table[key][(record["method"], record["setting"])] = record
+    table = latest(records, key=lambda r: (machine_name(r), r["eval"]["windows"]))
     newest = machine_name(records[-1])
     return dict(sorted(table.items(), key=lambda kv: (kv[0][0] != newest, -kv[0][1])))
 
