@@ -83,7 +83,8 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def machine() -> dict[str, Any]:
-    """The CPU / GPU this ran on, and how many threads torch used."""
+    """The CPU / GPU this ran on, the vector instructions torch's CPU kernels use (``"AVX512"``,
+    ``"AVX2"``...: one CPU name can cover both), and how many threads torch used."""
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -94,6 +95,7 @@ def machine() -> dict[str, Any]:
         pass
     info = {
         "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),

@@ -54,9 +54,11 @@ def _order(items: list[str], order: list[str]) -> list[str]:
 
 
 def machine_name(record: dict[str, Any]) -> str:
-    """The machine a record was run on, as its section names it."""
+    """The machine a record was run on, as its section names it (with the CPU's vector instructions where the
+    record has them: records before 2026-12-06 do not)."""
     machine = record["machine"]
-    return f"{machine['cpu']}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
+    cpu = machine["cpu"] + (f" ({machine['cpu_capability']})" if "cpu_capability" in machine else "")
+    return f"{cpu}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
 
 
 def latest(
