@@ -54,10 +54,9 @@ def _order(items: list[str], order: list[str]) -> list[str]:
     return sorted(items, key=lambda x: (order.index(x) if x in order else len(order), x))
 
 
-def machine_name(record: dict[str, Any]) -> str:
-    """The machine a record was run on, as its section names it (with the CPU's vector instructions where the
-    record has them: records before 2026-12-06 do not)."""
-    machine = record["machine"]
+def machine_name(machine: dict[str, Any]) -> str:
+    """A record's ``machine`` as its section names it (with the CPU's vector instructions where the record
+    has them: records before 2026-12-06 do not)."""
     cpu = machine["cpu"] + (f" ({machine['cpu_capability']})" if "cpu_capability" in machine else "")
     return f"{cpu}, {machine['cores']} cores, {machine['torch_threads']} torch threads"
 
@@ -77,8 +76,8 @@ def latest_by_machine(
     records: list[dict[str, Any]],
 ) -> dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]]:
     """``{(machine, eval windows): {(method, setting): latest record}}``, the newest machine's first."""
-    table = latest(records, key=lambda r: (machine_name(r), r["eval"]["windows"]))
-    newest = machine_name(records[-1])
+    table = latest(records, key=lambda r: (machine_name(r["machine"]), r["eval"]["windows"]))
+    newest = machine_name(records[-1]["machine"])
     return dict(sorted(table.items(), key=lambda kv: (kv[0][0] != newest, -kv[0][1])))
 
 
@@ -161,10 +160,7 @@ def render(records: list[dict[str, Any]]) -> str:
     commits = sorted({r["versions"].get(commit_key, "?") for r in ours})
     commands = sorted({r["command"] for r in records})
     lines += ["## Provenance", ""]
-    lines += [
-        f"- Machine: {machine_name({'machine': m})}, {m['platform']}"
-        for m in map(json.loads, sorted(machines))
-    ]
+    lines += [f"- Machine: {machine_name(m)}, {m['platform']}" for m in map(json.loads, sorted(machines))]
     lines += [
         "- Versions: " + ", ".join(f"{k} {v}" for k, v in json.loads(v).items()) for v in sorted(versions)
     ]
