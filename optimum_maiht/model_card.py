@@ -240,6 +240,7 @@ def render_model_card(
         experts=_expert_statistics(report),
         reconstruction=report.reconstruction_mean(),
         reconstruction_rows=report.reconstruction or [],
+        refit_precision=_refit_precision(report),
         calibration=report.calibration,
         device=report.device,
         seconds=report.seconds,
@@ -249,6 +250,11 @@ def render_model_card(
         model_ref=repo_id or "path/to/this/model",
         storage_format=storage_format,
     )
+
+
+def _refit_precision(report: PruneReport) -> str:
+    """The dtypes the blocks' refits ran in (one, unless a block fell back to float32)."""
+    return ", ".join(sorted({b.precision for b in report.reconstruction or [] if b.skipped is None}))
 
 
 def _title(repo_id: str | None, base_model: str | None, config: dict[str, Any], nm: tuple | None) -> str:

@@ -111,6 +111,8 @@ class BlockReconstruction:
     solved_again: bool = False
     """The refit did not help and the block was solved again on the pruned model's inputs, exactly as with
     the refit off (its first solves used the dense model's inputs): ``error_refit`` is then that solve's."""
+    precision: str = "float32"
+    """The dtype of the refit's forward and backward passes (``reconstruction_precision`` resolved)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -227,6 +227,22 @@ def test_per_expert_linear_modules_are_pruned_on_their_routed_tokens(caplog):
     assert {"mlp.experts.*.0", "mlp.experts.*.2"} <= rows
 
 
+def test_a_block_whose_forward_fails_under_autocast_is_refitted_in_float32(caplog):
+    """ToyExpertsMoE writes each expert's output into a float32 buffer: under bfloat16 autocast that
+    raises, so the refit of those blocks runs in float32, with a warning, instead of stopping the run."""
+    model = make_tiny_model("llama")
+    model.model.layers[1].mlp = ToyExpertsMoE(64, 32, 4)
+    config = MAIHTConfig(**SMALL, reconstruction_precision="bfloat16")
+    pruner = MAIHTPruner(model, config)
+    with caplog.at_level(logging.WARNING):
+        pruner.prune(calibration_ids(), progress=False)
+    blocks = pruner.report.reconstruction
+    assert [b.precision for b in blocks] == ["bfloat16", "float32"]
+    assert "block 1: its forward fails under bfloat16 autocast (RuntimeError: " in caplog.text
+    assert "block 0: its forward fails" not in caplog.text
+    assert all(b.skipped is None and b.error_refit <= b.error_solved for b in blocks if not b.solved_again)
+
+
 def test_the_card_groups_experts_and_dense_matrices_by_type():
     model = make_moe_model("qwen2_moe")
     pruner = MAIHTPruner(model, MAIHTConfig(pattern="2:4", min_expert_tokens=0, **SMALL))

@@ -33,6 +33,7 @@ from optimum_maiht.pipeline.reconstruct import (
     holdout_error,
     reconstruct_block,
     refit_block,
+    refit_dtype,
 )
 from optimum_maiht.pipeline.solve import Solving, solve_block
 from optimum_maiht.report import BlockReconstruction, PruneReport
@@ -45,7 +46,9 @@ SMALL = dict(num_samples=16, sequence_length=32, batch_size=2, iterations=3, ref
 
 
 def config(**changes) -> MAIHTConfig:
-    return MAIHTConfig(**{**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 5e-3, **changes})
+    """The refit's tests in float32 wherever they run ("auto" is bfloat16 on a CPU that has it natively)."""
+    fields = {**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 5e-3}
+    return MAIHTConfig(**fields | {"reconstruction_precision": "float32"} | changes)
 
 
 def pruned_block(model, cfg: MAIHTConfig) -> tuple[BlockContext, list]:
@@ -98,12 +101,19 @@ def block_error(ctx: BlockContext, batches: list[int] | None = None) -> float:
         ("qwen3_moe", "2:4", 1),
         ("llama", "unstructured", 2),  # one step per batch of 2 windows
         ("qwen3_moe", "2:4", 2),
+        ("llama", "2:4", "bfloat16"),  # forward and backward under autocast, the weights in float32
+        ("qwen3_moe", "unstructured", "bfloat16"),
     ],
 )
-def test_refit_lowers_the_block_error_and_never_moves_a_zero(family: str, pattern: str, piece: int) -> None:
+def test_refit_lowers_the_block_error_and_never_moves_a_zero(
+    family: str, pattern: str, piece: int | str
+) -> None:
     moe = family == "qwen3_moe"
     model = make_moe_model(family) if moe else make_tiny_model(family)
+    precision = piece if isinstance(piece, str) else "float32"
+    piece = 1 if isinstance(piece, str) else piece
     cfg = config(pattern=pattern, min_expert_tokens=0, reconstruction_batch_size=piece)
+    cfg = dataclasses.replace(cfg, reconstruction_precision=precision)
     with eager_experts(model) if moe else contextlib.nullcontext():
         ctx, layers = pruned_block(model, cfg)
         block, targets = ctx.block, ctx.targets
@@ -117,7 +127,8 @@ def test_refit_lowers_the_block_error_and_never_moves_a_zero(family: str, patter
         result = refit(ctx, layers, cfg)
         error_end, held_end = measure(), measure(held)
 
-    assert result.skipped is None and result.epochs >= 1
+    assert result.skipped is None and result.epochs >= 1 and result.precision == precision
+    assert all(w.dtype == torch.float32 for w in weights.values())
     assert error_end < 0.95 * error_start  # on every calibration window
     assert result.error_solved == pytest.approx(held_start, rel=1e-5)  # the report: the held-out ones
     assert result.error_refit == pytest.approx(held_end, rel=1e-5)
@@ -218,6 +229,53 @@ def test_the_refits_steps_follow_each_weights_scale() -> None:
     torch.testing.assert_close(ends[1][1], ends[0][1] / 10.0, rtol=1e-4, atol=1e-6)
 
 
+def test_the_rate_falls_linearly_over_the_last_share_of_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reconstruction_decay``: the rate of every tensor is constant, then falls linearly over the last
+    share of all the epochs' steps (a step's rate is the base rate times the steps left, itself included,
+    over the decay's steps); 0 keeps it constant."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(16, 8, generator=generator) for _ in range(8)]
+    mask = torch.rand(4, 8, generator=generator) > 0.5
+    targets = [x @ torch.randn(4, 8, generator=generator).T for x in inputs]
+    rates: list[list[float]] = []
+    step = torch.optim.Adam.step
+
+    def recorded(self, *args, **kwargs):
+        rates.append([group["lr"] for group in self.param_groups])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", recorded)
+    for decay, expected in [(0.5, [1.0] * 7 + [k / 7 for k in range(7, 0, -1)]), (0.0, [1.0] * 14)]:
+        rates.clear()
+        weight = (torch.randn(4, 8, generator=generator) * mask).requires_grad_()
+        cfg = config(reconstruction_epochs=2, reconstruction_decay=decay, reconstruction_lr=1e-3)
+        base = 1e-3 * float(weight.detach().norm()) / int(mask.sum()) ** 0.5
+        split = (range(7), [7])
+        forward = functools.partial(lambda k, w: inputs[k] @ w.T, w=weight)
+        result = refit_block(forward, [weight], [mask], targets, split, cfg, 0, SINGLE)
+        assert result.epochs_run == 2  # the rate falls over both epochs' 14 steps
+        assert [r[0] / base for r in rates] == pytest.approx(expected, rel=1e-6)
+
+
+def test_auto_precision_is_bfloat16_where_the_device_has_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
+    import optimum_maiht.pipeline.reconstruct as reconstruct
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        assert reconstruct.native_bfloat16(cpu) is native
+        assert refit_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
+        assert refit_dtype(cpu, "float32") == torch.float32  # an explicit choice is kept
+        assert refit_dtype(cpu, "bfloat16") == torch.bfloat16
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert refit_dtype(cpu, "auto") == torch.bfloat16
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probes
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert refit_dtype(cpu, "auto") == torch.float32
+    assert refit_dtype(torch.device("meta"), "auto") == torch.float32
+
+
 def test_half_precision_block_is_refitted_in_float32_and_cast_back() -> None:
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     cfg = config(pattern="2:4")
@@ -283,7 +341,7 @@ def test_a_block_over_the_memory_limit_keeps_its_solved_weights(caplog: pytest.L
 def test_on_by_default_and_zero_epochs_never_refit(monkeypatch: pytest.MonkeyPatch) -> None:
     import optimum_maiht.pipeline.sequential as sequential
 
-    assert MAIHTConfig().reconstruction_epochs == 1
+    assert MAIHTConfig().reconstruction_epochs == 2
     assert MAIHTConfig.from_preset("fast").reconstruction_epochs == 0
 
     def never(*args, **kwargs):
@@ -306,7 +364,7 @@ def test_the_defaults_refit_every_block_and_never_raise_its_held_out_error() -> 
     pruner.prune(calibration_ids(16, 32), progress=False)
     blocks = pruner.report.reconstruction
     assert [b.block for b in blocks] == [0, 1] and all(b.skipped is None for b in blocks)
-    assert all(b.epochs_run == 1 for b in blocks)
+    assert all(b.epochs_run == 2 for b in blocks)
     assert all(b.error_refit <= b.error_solved for b in blocks if not b.solved_again)
     assert all(b.error_refit < b.error_solved and not b.solved_again for b in blocks if b.epochs > 0)
 
@@ -414,6 +472,8 @@ def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
         row = f"| {b.block} | {b.error_solved:.4f} | {b.error_refit:.4f} | {b.epochs} of {b.epochs_run} |"
         assert row in card
     assert "`reconstruction_epochs` | `3`" in card
+    assert all(b.precision == "float32" for b in report.reconstruction)
+    assert "The refit's forward and backward passes ran in float32" in card
     summary = prune_summary(report, "tiny", tmp_path, "dense", 1.0)
     kept = sum(b.epochs == 0 for b in report.reconstruction)
     line = f"{mean['error_solved']:.4f} -> {mean['error_refit']:.4f} (mean of 2 blocks; {kept} kept"
@@ -449,6 +509,14 @@ def test_a_version_2_report_gives_its_held_out_errors() -> None:
         ({"reconstruction_max_gib": float("nan")}, r"reconstruction_max_gib must be a number of GiB"),
         ({"reconstruction_max_gib": "16"}, r"reconstruction_max_gib must be a number of GiB"),
         ({"start": "magnitude"}, "start must be 'wanda' or 'sparsegpt', got 'magnitude'"),
+        ({"reconstruction_decay": 1}, r"reconstruction_decay must be a share in \[0, 1\)"),
+        ({"reconstruction_decay": -0.1}, r"reconstruction_decay must be a share in \[0, 1\)"),
+        ({"reconstruction_decay": float("nan")}, r"reconstruction_decay must be a share in \[0, 1\)"),
+        ({"reconstruction_decay": "0.25"}, r"reconstruction_decay must be a share in \[0, 1\)"),
+        (
+            {"reconstruction_precision": "float16"},
+            "reconstruction_precision must be 'auto' or 'float32' or 'bfloat16', got 'float16'",
+        ),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, message: str) -> None:
@@ -463,13 +531,17 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
         reconstruction_holdout=0.25,
         reconstruction_batch_size=2,
         reconstruction_max_gib=None,
+        reconstruction_decay=0.0,
+        reconstruction_precision="bfloat16",
     )
     again = MAIHTConfig.from_pretrained(cfg.save_pretrained(tmp_path))
     assert again == cfg and again.reconstruction_lr == 3e-4 and again.reconstruction_batch_size == 2
     assert again.reconstruction_max_gib is None
     default = MAIHTConfig()
-    assert (default.reconstruction_epochs, default.reconstruction_holdout) == (1, 0.125)
+    assert (default.reconstruction_epochs, default.reconstruction_holdout) == (2, 0.125)
     assert (default.start, default.reconstruction_max_gib) == ("sparsegpt", 32.0)
+    assert (default.reconstruction_decay, default.reconstruction_precision) == (0.25, "auto")
+    assert (again.reconstruction_decay, again.reconstruction_precision) == (0.0, "bfloat16")
 
 
 def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(

@@ -129,6 +129,16 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
     "reconstruction_lr": ConfigFlag(
         float, "Adam learning rate of the block reconstruction, relative to the RMS of each weight tensor"
     ),
+    "reconstruction_decay": ConfigFlag(
+        float,
+        "share of the block reconstruction's steps, at its end, over which its rate falls linearly to 0 "
+        "(0: constant)",
+    ),
+    "reconstruction_precision": ConfigFlag(
+        str,
+        "dtype of the block reconstruction's forward and backward passes: float32, bfloat16 (autocast; "
+        "weights, Adam and held-out errors stay float32) or auto (bfloat16 where the device has it natively)",
+    ),
     "reconstruction_holdout": ConfigFlag(
         float, "share of the calibration batches held out to choose the block reconstruction's epochs"
     ),

@@ -155,7 +155,7 @@ def _add_preset_flag(parser: argparse.ArgumentParser) -> None:
         default=None,
         choices=list(PRESETS),
         help="named configuration to start from, flags given override it: 'default' (MAIHTConfig's defaults: "
-        "SparseGPT's start, mAIHT, one epoch of the block refit) or 'fast' (Wanda's start, no refit: below "
+        "SparseGPT's start, mAIHT, two epochs of the block refit) or 'fast' (Wanda's start, no refit: below "
         "SparseGPT's time); not with --config (default: 'default')",
     )
 
