@@ -312,8 +312,8 @@ def _usable_dtype(
 def refit_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The dtype of the refit's forward and backward passes on ``device`` for ``reconstruction_precision``:
     ``"auto"`` is bfloat16 where the device multiplies it natively (:func:`native_bfloat16`), else float32.
-    Measured on the 2-core AMD EPYC (AVX512-BF16): an epoch in 0.69x its float32 time on SmolLM2-135M's
-    blocks and 0.70x on Gemma3-270M's, with the same held-out error on SmolLM2's and 1-4% more on Gemma3's
+    Measured on the 2-core AMD EPYC (AVX512-BF16): an epoch in 0.67-0.73x its float32 time on SmolLM2-135M's
+    blocks and 0.62-0.71x on Gemma3-270M's, with the same held-out errors under the rate's decay
     (docs/design.md, "Block reconstruction")."""
     if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
         return torch.bfloat16
