@@ -13,10 +13,12 @@ the model reads amplified, and the held-out perplexity gets worse while the raw 
 (docs/design.md, "Block reconstruction"). Per token, because one error over the whole batch is dominated
 by the few tokens with massive activations (the first of each window in most LLMs). The gradients of the
 pruned weights are set to exactly zero, so Adam's moments and steps there stay zero and the sparsity
-pattern never changes (the zeros are re-imposed once more at the end). The number of epochs is
-chosen on held-out calibration batches: the weights with the lowest held-out error are kept, the starting
-weights included, so the refit never makes the held-out error worse. The errors reported are those
-held-out ones, before and after: measured on windows no step has seen.
+pattern never changes (the zeros are re-imposed once more at the end). The rate falls linearly to 0 over
+the last ``reconstruction_decay`` of the steps, and the forward and backward passes may run under bfloat16
+autocast (``reconstruction_precision``; the weights, Adam and the held-out errors stay float32). The number
+of epochs is chosen on held-out calibration batches: the weights with the lowest held-out error are kept,
+the starting weights included, so the refit never makes the held-out error worse. The errors reported are
+those held-out ones, before and after: measured on windows no step has seen.
 
 :func:`refit_block` is the maths (a forward function, tensors and their masks in); :func:`reconstruct_block`
 the stage around it (which weights, the float32 cast, the calibration batches cut into pieces).
@@ -244,7 +246,7 @@ def reconstruct_block(
     dtype = refit_dtype(params[0].device, config.reconstruction_precision)
     with _refit_problem(ctx, params, counts, config, parallel) as problem:
         pieces = len(problem.targets)
-        dtype = _usable_dtype(problem.forward, pieces, dtype, params[0].device, parallel, ctx.index)
+        dtype = _agreed_dtype(problem.forward, pieces, dtype, params[0].device, parallel, ctx.index)
         fit = refit_block(
             problem.forward,
             problem.leaves,
@@ -271,13 +273,18 @@ def reconstruct_block(
             fit.epochs_run,
             seconds,
         )
-    precision = str(dtype).removeprefix("torch.")
     return BlockReconstruction(
-        ctx.index, fit.error_solved, fit.error_refit, fit.epochs, fit.epochs_run, seconds, precision=precision
+        ctx.index,
+        fit.error_solved,
+        fit.error_refit,
+        fit.epochs,
+        fit.epochs_run,
+        seconds,
+        precision=_name(dtype),
     )
 
 
-def _usable_dtype(
+def _agreed_dtype(
     forward: Callable[[int], Tensor],
     pieces: int,
     dtype: torch.dtype,
@@ -285,28 +292,31 @@ def _usable_dtype(
     parallel: Parallel,
     index: int,
 ) -> torch.dtype:
-    """``dtype``, unless the block's forward fails under autocast to it on some rank (a model's own code
-    that writes a bfloat16 result into a float32 buffer, say): float32 then, with a warning. Probed on the
-    first piece, without gradients (the cost of one window's forward)."""
-    if dtype == torch.float32:
-        return dtype
+    """``dtype`` where every rank wants it and the block's forward runs under autocast to it on every rank,
+    else float32 (every rank takes the same steps, so they must agree). A forward that fails under autocast
+    (a model's own code writing a bfloat16 result into a float32 buffer, say) is reported with a warning.
+    Probed on the first piece, without gradients: the cost of one window's forward."""
     reason = None
-    if pieces:
+    if dtype != torch.float32 and pieces:
         try:
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
                 forward(0)
         except (RuntimeError, TypeError, ValueError) as err:
             reason = f"{type(err).__name__}: {err}"
-    if parallel.sum([0.0 if reason is None else 1.0])[0] == 0:
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    logger.warning(
-        "block %d: its forward fails under %s autocast (%s); refitting it in float32",
-        index,
-        name,
-        reason or "on another rank",
-    )
-    return torch.float32
+    plain, failed = parallel.sum([1.0 if dtype == torch.float32 else 0.0, 0.0 if reason is None else 1.0])
+    if failed:
+        logger.warning(
+            "block %d: its forward fails under %s autocast (%s); refitting it in float32",
+            index,
+            _name(dtype),
+            reason or "on another rank",
+        )
+    return torch.float32 if plain or failed else dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    """``"bfloat16"`` for ``torch.bfloat16``: as ``reconstruction_precision`` and the report spell it."""
+    return str(dtype).removeprefix("torch.")
 
 
 def refit_dtype(device: torch.device, precision: str) -> torch.dtype:
