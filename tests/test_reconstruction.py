@@ -276,6 +276,37 @@ def test_auto_precision_is_bfloat16_where_the_device_has_it_natively(monkeypatch
     assert refit_dtype(torch.device("meta"), "auto") == torch.float32
 
 
+def test_every_rank_refits_in_the_same_dtype(caplog: pytest.LogCaptureFixture) -> None:
+    """The refit's steps are summed over the ranks, so they agree on its dtype: float32 when another rank
+    wants it (a GPU without bfloat16 beside one with it) or when the forward fails there under autocast."""
+    import optimum_maiht.pipeline.reconstruct as reconstruct
+
+    class OtherRank:  # this rank plus one other, whose votes are given
+        def __init__(self, votes: list[float]) -> None:
+            self.votes = votes
+
+        def sum(self, values: list[float]) -> list[float]:
+            return [v + o for v, o in zip(values, self.votes, strict=True)]
+
+    layer = torch.nn.Linear(4, 4)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="optimum_maiht.pipeline.reconstruct"):
+        for votes, expected in [([0.0, 0.0], torch.bfloat16), ([1.0, 0.0], torch.float32)]:
+            dtype = reconstruct._agreed_dtype(
+                lambda k: layer(torch.ones(2, 4)), 1, torch.bfloat16, cpu, OtherRank(votes), 3
+            )
+            assert dtype == expected
+        assert not caplog.text
+        dtype = reconstruct._agreed_dtype(
+            lambda k: layer(torch.ones(2, 4)), 1, torch.bfloat16, cpu, OtherRank([0.0, 1.0]), 3
+        )
+    assert dtype == torch.float32
+    assert (
+        "block 3: its forward fails under bfloat16 autocast (on another rank); refitting it in float32"
+        in caplog.text
+    )
+
+
 def test_half_precision_block_is_refitted_in_float32_and_cast_back() -> None:
     model = make_tiny_model("llama", dtype=torch.bfloat16)
     cfg = config(pattern="2:4")
