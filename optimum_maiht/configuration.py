@@ -183,9 +183,9 @@ class MAIHTConfig:
             over the calibration batches. The epoch kept is the one with the lowest error on held-out
             calibration batches (possibly none: the weights of the layer solves are kept). Costs one more
             forward per block (the dense outputs), one more set of activations, and the epochs' forward
-            and backward passes. 2 (default: with the decay and bfloat16 below, 13-18% lower held-out block
-            errors than one float32 epoch at a constant rate, in about 1.3x its time; docs/design.md,
-            "Block reconstruction"); 0: off (the ``"fast"`` preset).
+            and backward passes. 2 (default: with the decay and bfloat16 below, 3-18% lower held-out block
+            errors than one float32 epoch at a constant rate, in 1.2-1.4x its time; docs/design.md, "Block
+            reconstruction"); 0: off (the ``"fast"`` preset).
         reconstruction_lr: Adam's learning rate of the reconstruction relative to each weight tensor's
             scale, ``> 0``: a tensor's rate is this times the RMS of its kept weights, so the step is the
             same on every model whatever its weights' size. 1e-2 (default): over 64 windows of 256 at 2:4,
