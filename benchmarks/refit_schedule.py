@@ -98,11 +98,12 @@ def render(records: list[dict[str, Any]]) -> str:
         lines += [f"## {MODELS.get(model, model)}, {setting}", ""]
         lines += ["| variant | " + " | ".join(f"block {k}" for k in range(count)) + " | geometric mean |"]
         lines += ["|---|" + "---:|" * (count + 1)]
-        for r in sorted(runs, key=lambda r: r["variant"]):
+        for r in sorted(runs, key=lambda r: ("provenance" in r, r["variant"])):
             cells = [_cell(b) for b in r["blocks"]] + ["–"] * (count - len(r["blocks"]))
             ratios = [b["ratio"] for b in r["blocks"] if b["ratio"]]
             mean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
-            lines.append(f"| {r['variant']} | " + " | ".join(cells) + f" | {mean:.3f} |")
+            label = r["variant"] + (" [scratch harness]" if "provenance" in r else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {mean:.3f} |")
         host = runs[-1]["machine"]
         kernels = host.get("cpu_capability", "?")
         lines += ["", f"Machine: {host.get('cpu', '?')}, torch kernels {kernels}.", ""]
@@ -121,13 +122,13 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a local model folder (default: the demo model)")
     parser.add_argument("--setting", default="2:4", help="'2:4', '4:8', or a percentage such as '50%%'")
     parser.add_argument("--blocks", type=int, default=4, help="decoder blocks kept (the first ones)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names of VARIANTS")
+    parser.add_argument("--variants", default=";".join(VARIANTS), help="names of VARIANTS, separated by ';'")
     parser.add_argument("--render", action="store_true", help="only write results/refit_schedule.md")
     args = parser.parse_args()
     records = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
     if not args.render:
         torch.manual_seed(0)
-        for name in args.variants.split(","):
+        for name in args.variants.split(";"):
             records.append(run(args, name))
             RESULTS.write_text(json.dumps(records, indent=1) + "\n")
     (RESULTS_DIR / "refit_schedule.md").write_text(render(records))
