@@ -302,7 +302,7 @@ def test_every_rank_refits_in_the_same_dtype(caplog: pytest.LogCaptureFixture) -
         )
     assert dtype == torch.float32
     assert (
-        "block 3: its forward fails under bfloat16 autocast (on another rank); refitting it in float32"
+        "block 3: its forward fails under bfloat16 autocast (on another rank); running it in float32"
         in caplog.text
     )
 
@@ -441,8 +441,9 @@ def test_the_held_out_error_of_any_weights_is_the_refits_measure() -> None:
     assert holdout_error(ctx, layers, cfg, SINGLE) == pytest.approx(result.error_refit, rel=1e-6)
 
 
-def _block1_input_gram(model, ids: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``X^T X`` of block 1's first projection's inputs when ``model`` runs on ``ids``."""
+def _block1_input_gram(model, ids: torch.Tensor, batch_size: int, autocast: bool = False) -> torch.Tensor:
+    """``X^T X`` of block 1's first projection's inputs when ``model`` runs on ``ids`` (its blocks under
+    bfloat16 autocast with ``autocast``)."""
     layer = model.model.layers[1].self_attn.q_proj
     gram = torch.zeros(layer.in_features, layer.in_features, dtype=torch.float64)
 
@@ -451,19 +452,23 @@ def _block1_input_gram(model, ids: torch.Tensor, batch_size: int) -> torch.Tenso
         gram.add_(x.T @ x)
 
     handle = layer.register_forward_pre_hook(hook)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         for start in range(0, len(ids), batch_size):
             model(input_ids=ids[start : start + batch_size], use_cache=False)
     handle.remove()
     return gram
 
 
-@pytest.mark.parametrize("epochs", [0, 1])
-def test_the_statistics_come_from_the_dense_inputs_with_the_refit(epochs: int) -> None:
+@pytest.mark.parametrize(
+    "epochs, precision", [(0, "float32"), (1, "float32"), (0, "bfloat16"), (1, "bfloat16")]
+)
+def test_the_statistics_come_from_the_dense_inputs_with_the_refit(epochs: int, precision: str) -> None:
     """With the refit on, one pass of the dense block on the dense model's inputs gives both its targets and
     the layer statistics, so block 1's Gram matrices are the dense model's; without it they come from the
-    pruned model's inputs (docs/design.md, "Statistics from the dense model's inputs")."""
-    cfg = config(reconstruction_epochs=epochs)
+    pruned model's inputs (docs/design.md, "Statistics from the dense model's inputs"). With the refit in
+    bfloat16 the passes of a float32 block run under its autocast too; without the refit, never."""
+    cfg = config(reconstruction_epochs=epochs, reconstruction_precision=precision)
+    bf16 = epochs > 0 and precision == "bfloat16"
     ids = calibration_ids(cfg.num_samples, cfg.sequence_length)
     dense_model = make_tiny_model("llama")
     grams = []
@@ -474,13 +479,15 @@ def test_the_statistics_come_from_the_dense_inputs_with_the_refit(epochs: int) -
 
     pruner = MAIHTPruner(make_tiny_model("llama"), cfg, solver=recording)
     pruner.prune(ids, progress=False)
-    expected_dense = _block1_input_gram(dense_model, ids, cfg.batch_size)
+    expected_dense = _block1_input_gram(dense_model, ids, cfg.batch_size, bf16)
+    assert not torch.allclose(expected_dense, _block1_input_gram(dense_model, ids, cfg.batch_size, not bf16))
     pruned_copy = copy.deepcopy(pruner.model)  # block 1 pruned too, but only its inputs are read
     expected_pruned = _block1_input_gram(pruned_copy, ids, cfg.batch_size)
     assert not torch.allclose(expected_dense, expected_pruned, rtol=1e-3)
     expected = expected_dense if epochs else expected_pruned
     same_size = [g for g in grams if g.shape == expected.shape]
     assert any(torch.allclose(g, expected, rtol=1e-4, atol=1e-6) for g in same_size)
+    assert {b.precision for b in pruner.report.reconstruction or []} == ({precision} if epochs else set())
 
 
 def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
@@ -575,11 +582,15 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
     assert (again.reconstruction_decay, again.reconstruction_precision) == (0.0, "bfloat16")
 
 
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
 def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
 ) -> None:
+    """The resumed run's dense outputs of its finished blocks come from the same passes, in the same dtype."""
     source = make_checkpoint(tmp_path / "src")
-    cfg = config(num_samples=8, batch_size=2, iterations=2, refit_iterations=2)
+    cfg = config(
+        num_samples=8, batch_size=2, iterations=2, refit_iterations=2, reconstruction_precision=precision
+    )
     report = in_memory(source, tmp_path / "memory", cfg)
     with monkeypatch.context() as patch:
         fail_after(patch, 1)

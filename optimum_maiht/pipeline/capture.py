@@ -8,6 +8,7 @@ says where the blocks run and where the calibration activations wait between use
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,16 +201,19 @@ def replay(
     calls: list[BlockCall],
     placement: Placement | None = None,
     after_batch: Callable[[], None] | None = None,
+    autocast: torch.dtype | None = None,
 ) -> list[Tensor]:
     """Run every calibration batch through ``block`` (no grad) and return its outputs, parked where the
-    inputs were; ``after_batch`` is called after each batch (the Gram collector's bookkeeping)."""
+    inputs were; ``after_batch`` is called after each batch (the Gram collector's bookkeeping).
+    ``autocast``: the dtype its matrix products run in (the outputs keep the inputs' dtype); ``None``: the
+    block's own."""
     outputs = []
     with torch.no_grad():
         for h, call in zip(hidden, calls, strict=True):
-            if placement is None:
-                outputs.append(call.run(block, h))
-            else:
-                outputs.append(placement.park(call.run(block, placement.fetch(h))))
+            x = h if placement is None else placement.fetch(h)
+            with contextlib.nullcontext() if autocast is None else torch.autocast(x.device.type, autocast):
+                out = call.run(block, x).to(h.dtype)
+            outputs.append(out if placement is None else placement.park(out))
             if after_batch is not None:
                 after_batch()
     return outputs

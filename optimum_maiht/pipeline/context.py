@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from ..targets import BlockTargets
@@ -35,16 +36,29 @@ class BlockContext:
     """The normalisation layer that reads this block's output next (the next block's input norm, the final
     norm after the last block), a float32 copy on the compute device: the reconstruct stage measures the
     output error through it, as the model reads it. ``None``: on the raw output."""
+    precision: torch.dtype | None = None
+    """The dtype of its refit's passes with block reconstruction on (``reconstruction_precision`` resolved,
+    probed and agreed before its first pass: :func:`~.reconstruct.block_precision`); ``None``: off."""
+
+    @property
+    def autocast(self) -> torch.dtype | None:
+        """The dtype of the matrix products of its calibration passes: :attr:`precision` where that is
+        bfloat16 and the block float32 (a half-precision block runs in its own dtype); ``None``: its own."""
+        if self.precision in (None, torch.float32):
+            return None
+        own = {p.dtype for p in self.block.parameters() if p.is_floating_point()}
+        return self.precision if own == {torch.float32} else None
 
     def replay(self, after_batch: Callable[[], None] | None = None) -> list[Tensor]:
         """The block's outputs on every calibration batch (no grad), parked."""
-        return replay(self.block, self.hidden, self.calls, self.placement, after_batch)
+        return replay(self.block, self.hidden, self.calls, self.placement, after_batch, self.autocast)
 
     def replay_dense(self, after_batch: Callable[[], None] | None = None) -> list[Tensor]:
         """The block's outputs on the dense model's inputs (no grad), parked. The first call, before any
         target is pruned, runs the dense block: its outputs are kept as :attr:`dense`."""
         assert self.dense_inputs is not None, "replay_dense needs the dense model's inputs"
-        outputs = replay(self.block, self.dense_inputs, self.calls, self.placement, after_batch)
+        inputs = self.dense_inputs
+        outputs = replay(self.block, inputs, self.calls, self.placement, after_batch, self.autocast)
         if self.dense is None:
             self.dense = outputs
         return outputs

@@ -37,7 +37,7 @@ from .capture import (
     replay,
 )
 from .context import BlockContext
-from .reconstruct import holdout_error, reconstruct_block, refit_skip_reason
+from .reconstruct import block_precision, holdout_error, reconstruct_block, refit_skip_reason
 from .solve import Solving, solve_block
 from .store import IN_MEMORY, BlockStore, FinishedBlock
 
@@ -110,17 +110,22 @@ def prune_sequential(
             start = time.perf_counter()
             status(f"block {i}: calibration")
             resumed = store.finished(i)
+            precision = None
             if dense is not None and resumed:  # its dense outputs before load() gives its pruned weights
                 store.load_dense(i, blocks[i])
-                dense = replay(blocks[i].to(device), dense, calls[i], placement)
+                dense_block = BlockContext(i, blocks[i].to(device), targets[i], calls[i], dense, placement)
+                precision = dense_block.precision = block_precision(dense_block, config, parallel)
+                dense = dense_block.replay()
             finished = store.load(i, blocks[i])
             ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement)
+            ctx.precision = precision
             if dense is not None and not resumed:
+                ctx.precision = block_precision(ctx, config, parallel)
                 ctx.reader = _reader(model, blocks_name, blocks, i, reader_name, store, device)
                 if refit_skip_reason(ctx, config, parallel) is None:
                     ctx.dense_inputs = dense  # one pass: the statistics and the refit's targets
                 else:  # solved as with the refit off; the dense outputs still feed the next blocks
-                    ctx.dense = replay(ctx.block, dense, ctx.calls, placement)
+                    ctx.dense = replay(ctx.block, dense, ctx.calls, placement, autocast=ctx.autocast)
             layers, rebuilt = _prune_block(ctx, solving) if finished is None else ([], None)
             if ctx.dense is not None:  # the dense block's outputs: the next block's dense inputs
                 dense = ctx.dense
