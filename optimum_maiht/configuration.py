@@ -194,11 +194,14 @@ class MAIHTConfig:
         reconstruction_decay: share of the refit's steps (all its epochs), at the end, over which the rate
             falls linearly to 0, in [0, 1); 0: a constant rate. 0.25 (default): a quarter (docs/design.md,
             "Block reconstruction").
-        reconstruction_precision: the dtype of the refit's forward and backward passes: ``"float32"``,
-            ``"bfloat16"`` (autocast: the weights, Adam and the held-out errors stay float32), or
-            ``"auto"`` (default): bfloat16 where the compute device multiplies it natively (a CUDA GPU with
-            bfloat16, a CPU with AVX512-BF16 or AMX), float32 elsewhere. The precision used is in the
-            report (``reconstruction[].precision``).
+        reconstruction_precision: the dtype of the refit's forward and backward passes and, for a float32
+            block, of the calibration passes around it (the statistics pass that gives the refit its
+            targets, the propagation to the next block): ``"float32"``, ``"bfloat16"`` (autocast: the
+            weights, Adam, the Gram matrices and the held-out errors stay float32), or ``"auto"``
+            (default): bfloat16 where the compute device multiplies it natively (a CUDA GPU with bfloat16, a
+            CPU with AVX512-BF16 or AMX), float32 elsewhere. With the refit off (``reconstruction_epochs=0``)
+            every pass runs in the model's dtype. The precision used is in the report
+            (``reconstruction[].precision``).
         reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
             at least one batch is held out. With fewer than two batches the reconstruction is skipped, with
             a warning (raise ``num_samples`` or lower ``batch_size``).

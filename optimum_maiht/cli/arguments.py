@@ -136,8 +136,9 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
     ),
     "reconstruction_precision": ConfigFlag(
         str,
-        "dtype of the block reconstruction's forward and backward passes: float32, bfloat16 (autocast; "
-        "weights, Adam and held-out errors stay float32) or auto (bfloat16 where the device has it natively)",
+        "dtype of the block reconstruction's forward and backward passes, and of a float32 block's calibration "
+        "passes with it: float32, bfloat16 (autocast; weights, Adam, Gram matrices and held-out errors stay "
+        "float32) or auto (bfloat16 where the device has it natively)",
     ),
     "reconstruction_holdout": ConfigFlag(
         float, "share of the calibration batches held out to choose the block reconstruction's epochs"
