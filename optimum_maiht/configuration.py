@@ -197,7 +197,7 @@ class MAIHTConfig:
         reconstruction_precision: the dtype of the refit's forward and backward passes and, for a float32
             block, of the calibration passes around it (the statistics pass that gives the refit its
             targets, the propagation to the next block): ``"float32"``, ``"bfloat16"`` (autocast: the
-            weights, Adam, the Gram matrices and the held-out errors stay float32), or ``"auto"``
+            weights, Adam and the Gram matrices stay float32), or ``"auto"``
             (default): bfloat16 where the compute device multiplies it natively (a CUDA GPU with bfloat16, a
             CPU with AVX512-BF16 or AMX), float32 elsewhere. With the refit off (``reconstruction_epochs=0``)
             every pass runs in the model's dtype. The precision used is in the report

@@ -136,8 +136,8 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
     ),
     "reconstruction_precision": ConfigFlag(
         str,
-        "dtype of the block reconstruction's forward and backward passes, and of a float32 block's calibration "
-        "passes with it: float32, bfloat16 (autocast; weights, Adam, Gram matrices and held-out errors stay "
+        "dtype of the block reconstruction's forward and backward passes, and of a float32 block's "
+        "calibration passes with it: float32, bfloat16 (autocast; weights, Adam and Gram matrices stay "
         "float32) or auto (bfloat16 where the device has it natively)",
     ),
     "reconstruction_holdout": ConfigFlag(

@@ -15,7 +15,7 @@ by the few tokens with massive activations (the first of each window in most LLM
 pruned weights are set to exactly zero, so Adam's moments and steps there stay zero and the sparsity
 pattern never changes (the zeros are re-imposed once more at the end). The rate falls linearly to 0 over
 the last ``reconstruction_decay`` of the steps, and the forward and backward passes may run under bfloat16
-autocast (``reconstruction_precision``; the weights, Adam and the held-out errors stay float32). The number
+autocast (``reconstruction_precision``; the weights and Adam stay float32). The number
 of epochs is chosen on held-out calibration batches: the weights with the lowest held-out error are kept,
 the starting weights included, so the refit never makes the held-out error worse. The errors reported are
 those held-out ones, before and after: measured on windows no step has seen.
@@ -91,13 +91,21 @@ def token_errors(out: Tensor, target: Tensor) -> Tensor:
 
 
 def output_error(
-    forward: Callable[[int], Tensor], targets: Sequence[Tensor], batches: Sequence[int], parallel: Parallel
+    forward: Callable[[int], Tensor],
+    targets: Sequence[Tensor],
+    batches: Sequence[int],
+    parallel: Parallel,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cpu",
 ) -> float:
-    """The mean of :func:`token_errors` over the tokens of ``batches`` (and of the ranks), no grad."""
+    """The mean of :func:`token_errors` over the tokens of ``batches`` (and of the ranks), no grad; the
+    forward under autocast to ``dtype`` on ``device_type`` unless ``dtype`` is float32."""
     total = count = 0.0
     with torch.no_grad():
         for k in batches:
-            errors = token_errors(forward(k), targets[k])
+            with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+                out = forward(k)
+            errors = token_errors(out, targets[k])
             total += float(errors.sum())
             count += errors.numel()
     total, count = parallel.sum([total, count])
@@ -124,14 +132,16 @@ def refit_block(
     epochs' steps, one step per training piece (order reshuffled each epoch, seeded with ``seed``), at
     most ``config.reconstruction_epochs`` epochs; the loss of a piece is the mean of its
     :func:`token_errors`, its forward and backward passes under autocast to ``dtype`` (float32: none).
-    After each epoch the held-out error is measured, in float32; the weights with the lowest
+    After each epoch the held-out error is measured (its forward under the same autocast, as the
+    error before: the guard compares like with like); the weights with the lowest
     held-out error are kept (the starting ones included) and the refit stops after
     :data:`PATIENCE` epochs without improvement or on a non-finite loss. With several ranks every step
     averages the gradients of the ranks' pieces, so every rank takes the same steps and ends with the same
     weights.
     """
     train, holdout = split
-    before = output_error(forward, targets, holdout, parallel)
+    device_type = params[0].device.type
+    before = output_error(forward, targets, holdout, parallel, dtype, device_type)
     best_error, best_epoch = before, 0
     best = [p.detach().clone() for p in params]
     steps = max(parallel.gather(len(train)))
@@ -154,7 +164,7 @@ def refit_block(
             if not finite:  # diverged: every rank sees it and stops here
                 break
             optimizer.step()  # a zero gradient leaves Adam's moments, hence its step, exactly zero
-        error = output_error(forward, targets, holdout, parallel) if finite else math.inf
+        error = output_error(forward, targets, holdout, parallel, dtype, device_type) if finite else math.inf
         history.append(error)
         if error < best_error:
             best_error, best_epoch = error, epoch
@@ -220,7 +230,7 @@ def _step(
     parallel.sum_tensors([*grads, flags], error)
     count, nonfinite = flags.tolist()
     for p, grad, zero in zip(params, grads, pruned, strict=True):
-        p.grad = grad.masked_fill_(zero, 0.0).div_(max(count, 1.0))
+        p.grad = grad.masked_fill_(zero, 0.0) if count <= 1 else grad.masked_fill_(zero, 0.0).div_(count)
     return nonfinite == 0
 
 
@@ -365,14 +375,16 @@ def holdout_error(
     ctx: BlockContext, layers: list[LayerReport], config: MAIHTConfig, parallel: Parallel
 ) -> float:
     """The held-out output error of ``ctx.block`` as it is now, measured as :func:`reconstruct_block` measures
-    it (the same held-out batches, reader and float32 forward): for weights that no refit produced, such as
-    those of a block solved again after its refit did not help."""
+    it (the same held-out batches, reader and dtype, :attr:`BlockContext.precision`): for weights that no
+    refit produced, such as those of a block solved again after its refit did not help."""
     params = _pruned_params(ctx, layers)
     if not params:
         return 0.0
     counts = parallel.gather(len(ctx.hidden))
     with _refit_problem(ctx, params, counts, config, parallel) as problem:
-        return output_error(problem.forward, problem.targets, problem.split[1], parallel)
+        dtype = ctx.precision or torch.float32
+        device_type = params[0].device.type
+        return output_error(problem.forward, problem.targets, problem.split[1], parallel, dtype, device_type)
 
 
 def _pruned_params(ctx: BlockContext, layers: list[LayerReport]) -> list[Tensor]:
