@@ -118,9 +118,9 @@ def prune_sequential(
                 dense = dense_block.replay()
             finished = store.load(i, blocks[i])
             ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement)
-            ctx.precision = precision
+            if dense is not None:  # the dtype its passes run in: a finished block's as its dense pass's
+                ctx.precision = precision if resumed else block_precision(ctx, config, parallel)
             if dense is not None and not resumed:
-                ctx.precision = block_precision(ctx, config, parallel)
                 ctx.reader = _reader(model, blocks_name, blocks, i, reader_name, store, device)
                 if refit_skip_reason(ctx, config, parallel) is None:
                     ctx.dense_inputs = dense  # one pass: the statistics and the refit's targets
