@@ -29,11 +29,11 @@ RESULTS = RESULTS_DIR / "refit_schedule.json"
 MODELS = {"LlamaForCausalLM": "SmolLM2-135M-Instruct", "Gemma3ForCausalLM": "Gemma 3 270M"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "1 epoch, float32, constant rate": dict(
-        reconstruction_epochs=1, reconstruction_decay=0.0, reconstruction_precision="float32"
+        reconstruction_epochs=1, reconstruction_decay=0.0, compute_dtype="float32"
     ),
-    "1 epoch, float32, decay": dict(reconstruction_epochs=1, reconstruction_precision="float32"),
-    "1 epoch, bfloat16, decay": dict(reconstruction_epochs=1, reconstruction_precision="bfloat16"),
-    "2 epochs, bfloat16, decay (defaults)": dict(reconstruction_precision="bfloat16"),
+    "1 epoch, float32, decay": dict(reconstruction_epochs=1, compute_dtype="float32"),
+    "1 epoch, bfloat16, decay": dict(reconstruction_epochs=1, compute_dtype="bfloat16"),
+    "2 epochs, bfloat16, decay (defaults)": dict(compute_dtype="bfloat16"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -12,6 +13,8 @@ from typing import Any
 
 from .constants import CONFIG_NAME, SOLVER_NAMES, START_NAMES
 from .files import read_json
+
+logger = logging.getLogger(__name__)
 
 _PATTERN = re.compile(r"([0-9]+):([0-9]+)")
 MAX_GROUP = 1024
@@ -29,7 +32,7 @@ _CHOICES = {
     "start": START_NAMES,
     "scope": ("row", "layer"),
     "formulation": ("constraint", "penalty"),
-    "reconstruction_precision": ("auto", "float32", "bfloat16"),
+    "compute_dtype": ("auto", "float32", "bfloat16"),
 }
 # field: (smallest, largest allowed value, whether None is allowed). The largest values are far beyond any
 # useful run; they stop a value from a downloaded maiht_config.json (or a typo) from running for days,
@@ -75,6 +78,26 @@ perplexity in about 0.75x its time on the demo model (README, "Benchmarks")."""
 
 MAX_CONFIG_BYTES = 2**20
 """Largest ``maiht_config.json`` read (ours are under 2 KB)."""
+
+
+RENAMED = {"reconstruction_precision": "compute_dtype"}
+"""Fields renamed since a release wrote them into ``maiht_config.json``: old name -> new name."""
+
+
+def _renamed(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """``config_dict`` with the fields of :data:`RENAMED` under their new names (a warning says so); both
+    names at once is an error."""
+    found = [old for old in RENAMED if old in config_dict]
+    if not found:
+        return config_dict
+    config_dict = dict(config_dict)
+    for old in found:
+        new = RENAMED[old]
+        if new in config_dict:
+            raise ValueError(f"{old} and {new} are the same field (renamed to {new}); give only {new}")
+        logger.warning("MAIHTConfig field %s is now called %s; read as %s", old, new, new)
+        config_dict[new] = config_dict.pop(old)
+    return config_dict
 
 
 def _shown(value: Any) -> str:
@@ -171,6 +194,15 @@ class MAIHTConfig:
             (the Gram sums' order changes, nothing else); with it, whole batches are what is held out to
             choose the epochs, so it changes which windows the refit trains on.
         seed: seeds the choice of calibration windows and the power iteration.
+        compute_dtype: the dtype of the matrix products of a float32 block's passes: its calibration passes
+            (the statistics, the refit's dense targets, the propagation to the next block) and the block
+            refit's forward and backward passes. ``"float32"``, ``"bfloat16"`` (autocast: the outputs, the
+            weights, Adam and the Gram matrices stay float32), or ``"auto"`` (default): bfloat16 where the
+            compute device multiplies it natively (a CUDA GPU with bfloat16, a CPU with AVX512-BF16 or AMX),
+            float32 elsewhere. A half-precision block runs its passes in its own dtype (the refit's weights
+            are float32 then, under this autocast). The dtype of every block is in the report
+            (``block_dtypes``). Formerly ``reconstruction_precision`` (an older ``maiht_config.json`` is
+            read with the new name, with a warning).
         experts_per_pass: mixture-of-experts blocks: the experts whose Gram matrices are accumulated in one
             calibration pass through the block (memory: this many times the sum of the squared input sizes
             of an expert's matrices, in float32). ``None``: as many as fit in 2 GiB.
@@ -194,14 +226,6 @@ class MAIHTConfig:
         reconstruction_decay: share of the refit's steps (all its epochs), at the end, over which the rate
             falls linearly to 0, in [0, 1); 0: a constant rate. 0.25 (default): a quarter (docs/design.md,
             "Block reconstruction").
-        reconstruction_precision: the dtype of the refit's forward and backward passes and, for a float32
-            block, of the calibration passes around it (the statistics pass that gives the refit its
-            targets, the propagation to the next block): ``"float32"``, ``"bfloat16"`` (autocast: the
-            weights, Adam and the Gram matrices stay float32), or ``"auto"``
-            (default): bfloat16 where the compute device multiplies it natively (a CUDA GPU with bfloat16, a
-            CPU with AVX512-BF16 or AMX), float32 elsewhere. With the refit off (``reconstruction_epochs=0``)
-            every pass runs in the model's dtype. The precision used is in the report
-            (``reconstruction[].precision``).
         reconstruction_holdout: share of the calibration batches held out to choose the epoch, in (0, 1);
             at least one batch is held out. With fewer than two batches the reconstruction is skipped, with
             a warning (raise ``num_samples`` or lower ``batch_size``).
@@ -233,12 +257,12 @@ class MAIHTConfig:
     sequence_length: int = 2048
     batch_size: int = 8
     seed: int = 0
+    compute_dtype: str = "auto"
     experts_per_pass: int | None = None
     min_expert_tokens: int = 128
     reconstruction_epochs: int = 2
     reconstruction_lr: float = 1e-2
     reconstruction_decay: float = 0.25
-    reconstruction_precision: str = "auto"
     reconstruction_holdout: float = 0.125
     reconstruction_batch_size: int = 1
     reconstruction_max_gib: float | None = 32.0
@@ -381,6 +405,7 @@ class MAIHTConfig:
             raise ValueError(
                 f"a MAIHTConfig is built from a dict of fields, got {type(config_dict).__name__}"
             )
+        config_dict = _renamed(config_dict)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(config_dict) - known)
         if unknown:

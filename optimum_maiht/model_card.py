@@ -241,6 +241,7 @@ def render_model_card(
         reconstruction=report.reconstruction_mean(),
         reconstruction_rows=report.reconstruction or [],
         refit_precision=_refit_precision(report),
+        pass_dtypes=", ".join(sorted({d for d in report.block_dtypes if d})),
         calibration=report.calibration,
         device=report.device,
         seconds=report.seconds,

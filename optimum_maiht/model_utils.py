@@ -117,3 +117,9 @@ def load_tokenizer(source: str | os.PathLike | None) -> Any | None:
     except (OSError, ValueError, TypeError) as err:
         logger.info("no tokenizer loaded from %s (%s); calibrate with token ids", source, err)
         return None
+
+
+def dtype_name(dtype: str | torch.dtype | None) -> str:
+    """A dtype as configs, reports and flags spell it: ``"bfloat16"`` for ``torch.bfloat16``, ``"auto"`` for
+    ``None`` or ``"auto"``."""
+    return "auto" if dtype in (None, "auto") else str(dtype).removeprefix("torch.")

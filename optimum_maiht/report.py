@@ -112,7 +112,7 @@ class BlockReconstruction:
     """The refit did not help and the block was solved again on the pruned model's inputs, exactly as with
     the refit off (its first solves used the dense model's inputs): ``error_refit`` is then that solve's."""
     precision: str = "float32"
-    """The dtype of the refit's forward and backward passes (``reconstruction_precision`` resolved)."""
+    """The dtype of the refit's forward and backward passes (``compute_dtype`` resolved)."""
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -292,6 +292,9 @@ class PruneReport:
     """The layer solver (``MAIHTConfig.solver``, or an experiment's own function's name)."""
     block_seconds: list[float] = field(default_factory=list)
     """Wall time of each decoder block (calibration passes, solves, propagation)."""
+    block_dtypes: list[str | None] = field(default_factory=list)
+    """The dtype of the matrix products of each decoder block's passes (``compute_dtype`` resolved, or the
+    block's own half-precision dtype); ``None`` for a block finished by a run that did not record it."""
     world_size: int = 1
     """Processes that pruned together (``torchrun``; docs/design.md, "Several processes")."""
     zero_shot: dict[str, ZeroShotResults] | None = None
@@ -364,6 +367,7 @@ class PruneReport:
             "device": self.device,
             "seconds": self.seconds,
             "block_seconds": self.block_seconds,
+            "block_dtypes": self.block_dtypes,
             "world_size": self.world_size,
         }
         if self.evaluation is not None:
@@ -407,6 +411,7 @@ class PruneReport:
             versions=data.get("versions") or {},
             solver=data.get("solver", "maiht"),  # before version 4: "method": "mAIHT"
             block_seconds=data.get("block_seconds") or [],
+            block_dtypes=data.get("block_dtypes") or [],
             world_size=data.get("world_size", 1),
             zero_shot=_zero_shot(data.get("zero_shot")),
             reconstruction=_reconstruction(data.get("reconstruction")),

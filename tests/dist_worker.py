@@ -35,7 +35,7 @@ SMALL = dict(
     batch_size=4,
     iterations=5,
     refit_iterations=5,
-    reconstruction_precision="float32",
+    compute_dtype="float32",
 )
 CASES = {
     "llama-50": ("llama", dict(pattern="unstructured")),

@@ -232,7 +232,7 @@ def test_a_block_whose_forward_fails_under_autocast_is_refitted_in_float32(caplo
     raises, so the refit of those blocks runs in float32, with a warning, instead of stopping the run."""
     model = make_tiny_model("llama")
     model.model.layers[1].mlp = ToyExpertsMoE(64, 32, 4)
-    config = MAIHTConfig(**SMALL, reconstruction_precision="bfloat16")
+    config = MAIHTConfig(**SMALL, compute_dtype="bfloat16")
     pruner = MAIHTPruner(model, config)
     with caplog.at_level(logging.WARNING):
         pruner.prune(calibration_ids(), progress=False)

@@ -26,6 +26,7 @@ from optimum_maiht.model_card import render_model_card
 from optimum_maiht.model_utils import final_norm, find_decoder_blocks, is_norm
 from optimum_maiht.pipeline import BlockCall, BlockContext, Placement
 from optimum_maiht.pipeline.capture import capture_block_inputs, first_reader, replay
+from optimum_maiht.pipeline.precision import agreed_dtype, native_bfloat16, resolve_compute_dtype
 from optimum_maiht.pipeline.reconstruct import (
     REFIT_BYTES_PER_WEIGHT,
     _refit_pieces,
@@ -33,7 +34,6 @@ from optimum_maiht.pipeline.reconstruct import (
     holdout_error,
     reconstruct_block,
     refit_block,
-    refit_dtype,
 )
 from optimum_maiht.pipeline.solve import Solving, solve_block
 from optimum_maiht.report import BlockReconstruction, PruneReport
@@ -48,7 +48,7 @@ SMALL = dict(num_samples=16, sequence_length=32, batch_size=2, iterations=3, ref
 def config(**changes) -> MAIHTConfig:
     """The refit's tests in float32 wherever they run ("auto" is bfloat16 on a CPU that has it natively)."""
     fields = {**SMALL, "reconstruction_epochs": 3, "reconstruction_lr": 5e-3}
-    return MAIHTConfig(**fields | {"reconstruction_precision": "float32"} | changes)
+    return MAIHTConfig(**fields | {"compute_dtype": "float32"} | changes)
 
 
 def pruned_block(model, cfg: MAIHTConfig) -> tuple[BlockContext, list]:
@@ -116,7 +116,7 @@ def test_refit_lowers_the_block_error_and_never_moves_a_zero(
     precision = piece if isinstance(piece, str) else "float32"
     piece = 1 if isinstance(piece, str) else piece
     cfg = config(pattern=pattern, min_expert_tokens=0, reconstruction_batch_size=piece)
-    cfg = dataclasses.replace(cfg, reconstruction_precision=precision)
+    cfg = dataclasses.replace(cfg, compute_dtype=precision)
     with eager_experts(model) if moe else contextlib.nullcontext():
         ctx, layers = pruned_block(model, cfg)
         block, targets = ctx.block, ctx.targets
@@ -263,28 +263,25 @@ def test_the_rate_falls_linearly_over_the_last_share_of_the_steps(monkeypatch: p
 
 
 def test_auto_precision_is_bfloat16_where_the_device_has_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
-    import optimum_maiht.pipeline.reconstruct as reconstruct
-
     cpu = torch.device("cpu")
     for native in (True, False):
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda native=native: native)
         monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
-        assert reconstruct.native_bfloat16(cpu) is native
-        assert refit_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
-        assert refit_dtype(cpu, "float32") == torch.float32  # an explicit choice is kept
-        assert refit_dtype(cpu, "bfloat16") == torch.bfloat16
+        assert native_bfloat16(cpu) is native
+        assert resolve_compute_dtype(cpu, "auto") == (torch.bfloat16 if native else torch.float32)
+        assert resolve_compute_dtype(cpu, "float32") == torch.float32  # an explicit choice is kept
+        assert resolve_compute_dtype(cpu, "bfloat16") == torch.bfloat16
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
-    assert refit_dtype(cpu, "auto") == torch.bfloat16
+    assert resolve_compute_dtype(cpu, "auto") == torch.bfloat16
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probes
     monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
-    assert refit_dtype(cpu, "auto") == torch.float32
-    assert refit_dtype(torch.device("meta"), "auto") == torch.float32
+    assert resolve_compute_dtype(cpu, "auto") == torch.float32
+    assert resolve_compute_dtype(torch.device("meta"), "auto") == torch.float32
 
 
 def test_every_rank_refits_in_the_same_dtype(caplog: pytest.LogCaptureFixture) -> None:
     """The refit's steps are summed over the ranks, so they agree on its dtype: float32 when another rank
     wants it (a GPU without bfloat16 beside one with it) or when the forward fails there under autocast."""
-    import optimum_maiht.pipeline.reconstruct as reconstruct
 
     class OtherRank:  # this rank plus one other, whose votes are given
         def __init__(self, votes: list[float]) -> None:
@@ -295,14 +292,14 @@ def test_every_rank_refits_in_the_same_dtype(caplog: pytest.LogCaptureFixture) -
 
     layer = torch.nn.Linear(4, 4)
     cpu = torch.device("cpu")
-    with caplog.at_level(logging.WARNING, logger="optimum_maiht.pipeline.reconstruct"):
+    with caplog.at_level(logging.WARNING, logger="optimum_maiht.pipeline.precision"):
         for votes, expected in [([0.0, 0.0], torch.bfloat16), ([1.0, 0.0], torch.float32)]:
-            dtype = reconstruct._agreed_dtype(
+            dtype = agreed_dtype(
                 lambda k: layer(torch.ones(2, 4)), 1, torch.bfloat16, cpu, OtherRank(votes), 3
             )
             assert dtype == expected
         assert not caplog.text
-        dtype = reconstruct._agreed_dtype(
+        dtype = agreed_dtype(
             lambda k: layer(torch.ones(2, 4)), 1, torch.bfloat16, cpu, OtherRank([0.0, 1.0]), 3
         )
     assert dtype == torch.float32
@@ -470,10 +467,11 @@ def _block1_input_gram(model, ids: torch.Tensor, batch_size: int, autocast: bool
 def test_the_statistics_come_from_the_dense_inputs_with_the_refit(epochs: int, precision: str) -> None:
     """With the refit on, one pass of the dense block on the dense model's inputs gives both its targets and
     the layer statistics, so block 1's Gram matrices are the dense model's; without it they come from the
-    pruned model's inputs (docs/design.md, "Statistics from the dense model's inputs"). With the refit in
-    bfloat16 the passes of a float32 block run under its autocast too; without the refit, never."""
-    cfg = config(reconstruction_epochs=epochs, reconstruction_precision=precision)
-    bf16 = epochs > 0 and precision == "bfloat16"
+    pruned model's inputs (docs/design.md, "Statistics from the dense model's inputs"). With
+    ``compute_dtype="bfloat16"`` the passes of a float32 block run under its autocast, with the refit on or
+    off, and the report says so."""
+    cfg = config(reconstruction_epochs=epochs, compute_dtype=precision)
+    bf16 = precision == "bfloat16"
     ids = calibration_ids(cfg.num_samples, cfg.sequence_length)
     dense_model = make_tiny_model("llama")
     grams = []
@@ -487,12 +485,13 @@ def test_the_statistics_come_from_the_dense_inputs_with_the_refit(epochs: int, p
     expected_dense = _block1_input_gram(dense_model, ids, cfg.batch_size, bf16)
     assert not torch.allclose(expected_dense, _block1_input_gram(dense_model, ids, cfg.batch_size, not bf16))
     pruned_copy = copy.deepcopy(pruner.model)  # block 1 pruned too, but only its inputs are read
-    expected_pruned = _block1_input_gram(pruned_copy, ids, cfg.batch_size)
+    expected_pruned = _block1_input_gram(pruned_copy, ids, cfg.batch_size, bf16)
     assert not torch.allclose(expected_dense, expected_pruned, rtol=1e-3)
     expected = expected_dense if epochs else expected_pruned
     same_size = [g for g in grams if g.shape == expected.shape]
     assert any(torch.allclose(g, expected, rtol=1e-4, atol=1e-6) for g in same_size)
     assert {b.precision for b in pruner.report.reconstruction or []} == ({precision} if epochs else set())
+    assert pruner.report.block_dtypes == [precision, precision]
 
 
 def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
@@ -517,6 +516,8 @@ def test_the_report_and_the_card_show_the_refit(tmp_path: Path) -> None:
     assert "`reconstruction_epochs` | `3`" in card
     assert all(b.precision == "float32" for b in report.reconstruction)
     assert "The refit's forward and backward passes ran in float32" in card
+    assert report.block_dtypes == again.block_dtypes == ["float32", "float32"]
+    assert "the matrix products of the calibration passes in float32" in card
     summary = prune_summary(report, "tiny", tmp_path, "dense", 1.0)
     kept = sum(b.epochs == 0 for b in report.reconstruction)
     line = f"{mean['error_solved']:.4f} -> {mean['error_refit']:.4f} (mean of 2 blocks; {kept} kept"
@@ -557,14 +558,28 @@ def test_a_version_2_report_gives_its_held_out_errors() -> None:
         ({"reconstruction_decay": float("nan")}, r"reconstruction_decay must be a share in \[0, 1\)"),
         ({"reconstruction_decay": "0.25"}, r"reconstruction_decay must be a share in \[0, 1\)"),
         (
-            {"reconstruction_precision": "float16"},
-            "reconstruction_precision must be 'auto' or 'float32' or 'bfloat16', got 'float16'",
+            {"compute_dtype": "float16"},
+            "compute_dtype must be 'auto' or 'float32' or 'bfloat16', got 'float16'",
         ),
     ],
 )
 def test_config_validation_names_the_field(changes: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         MAIHTConfig(**changes)
+
+
+def test_a_config_with_the_former_name_of_compute_dtype_is_read(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "maiht_config.json").write_text(json.dumps({"reconstruction_precision": "bfloat16"}))
+    with caplog.at_level(logging.WARNING, logger="optimum_maiht.configuration"):
+        assert MAIHTConfig.from_pretrained(tmp_path).compute_dtype == "bfloat16"
+    assert "reconstruction_precision is now called compute_dtype" in caplog.text
+    both = {"reconstruction_precision": "bfloat16", "compute_dtype": "float32"}
+    with pytest.raises(ValueError, match="give only compute_dtype"):
+        MAIHTConfig.from_dict(both)
+    with pytest.raises(ValueError, match="got 'float16'"):  # validated under its new name
+        MAIHTConfig.from_dict({"reconstruction_precision": "float16"})
 
 
 def test_config_json_round_trip(tmp_path: Path) -> None:
@@ -575,7 +590,7 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
         reconstruction_batch_size=2,
         reconstruction_max_gib=None,
         reconstruction_decay=0.0,
-        reconstruction_precision="bfloat16",
+        compute_dtype="bfloat16",
     )
     again = MAIHTConfig.from_pretrained(cfg.save_pretrained(tmp_path))
     assert again == cfg and again.reconstruction_lr == 3e-4 and again.reconstruction_batch_size == 2
@@ -583,18 +598,24 @@ def test_config_json_round_trip(tmp_path: Path) -> None:
     default = MAIHTConfig()
     assert (default.reconstruction_epochs, default.reconstruction_holdout) == (2, 0.125)
     assert (default.start, default.reconstruction_max_gib) == ("sparsegpt", 32.0)
-    assert (default.reconstruction_decay, default.reconstruction_precision) == (0.25, "auto")
-    assert (again.reconstruction_decay, again.reconstruction_precision) == (0.0, "bfloat16")
+    assert (default.reconstruction_decay, default.compute_dtype) == (0.25, "auto")
+    assert (again.reconstruction_decay, again.compute_dtype) == (0.0, "bfloat16")
 
 
-@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+@pytest.mark.parametrize("precision, epochs", [("float32", 3), ("bfloat16", 3), ("bfloat16", 0)])
 def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, precision: str, epochs: int
 ) -> None:
-    """The resumed run's dense outputs of its finished blocks come from the same passes, in the same dtype."""
+    """The resumed run's dense outputs of its finished blocks come from the same passes, in the same dtype;
+    without the refit its passes over the finished blocks run in that dtype too."""
     source = make_checkpoint(tmp_path / "src")
     cfg = config(
-        num_samples=8, batch_size=2, iterations=2, refit_iterations=2, reconstruction_precision=precision
+        num_samples=8,
+        batch_size=2,
+        iterations=2,
+        refit_iterations=2,
+        compute_dtype=precision,
+        reconstruction_epochs=epochs,
     )
     report = in_memory(source, tmp_path / "memory", cfg)
     with monkeypatch.context() as patch:
@@ -611,10 +632,13 @@ def test_streaming_with_reconstruction_writes_the_in_memory_folder_and_resumes(
     )
     resumed = streamed(source, tmp_path / "streamed", cfg, resume=True)
     # the finished blocks' dense outputs, from the checkpoint (the others' dense weights are loaded too)
-    assert [i for i, finished in dense_loads if finished] == [0, 1]
+    assert [i for i, finished in dense_loads if finished] == ([0, 1] if epochs else [])
     assert_same_tensors(tmp_path / "memory", tmp_path / "streamed")
-    assert len(report.reconstruction) == 4
-    for mine, theirs in zip(report.reconstruction, resumed.reconstruction, strict=True):
+    assert (
+        report.block_dtypes == resumed.block_dtypes == [precision] * 4
+    )  # the finished ones from their record
+    assert len(report.reconstruction or []) == (4 if epochs else 0)
+    for mine, theirs in zip(report.reconstruction or [], resumed.reconstruction or [], strict=True):
         assert {**mine.to_dict(), "seconds": 0} == {**theirs.to_dict(), "seconds": 0}
 
 

@@ -110,6 +110,12 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
         "epochs; also used by --eval)",
     ),
     "seed": ConfigFlag(int, "seed of the calibration windows' choice and of the power iteration"),
+    "compute_dtype": ConfigFlag(
+        str,
+        "dtype of the matrix products of a float32 block's calibration passes and block reconstruction: "
+        "float32, bfloat16 (autocast; outputs, weights, Adam and Gram matrices stay float32) or auto "
+        "(bfloat16 where the device has it natively); --dtype is the dtype the model is loaded in",
+    ),
     "experts_per_pass": ConfigFlag(
         int,
         "mixture-of-experts blocks: experts whose Gram matrices are gathered in one calibration pass "
@@ -133,12 +139,6 @@ CONFIG_FLAGS: dict[str, ConfigFlag] = {
         float,
         "share of the block reconstruction's steps, at its end, over which its rate falls linearly to 0 "
         "(0: constant)",
-    ),
-    "reconstruction_precision": ConfigFlag(
-        str,
-        "dtype of the block reconstruction's forward and backward passes, and of a float32 block's "
-        "calibration passes with it: float32, bfloat16 (autocast; weights, Adam and Gram matrices stay "
-        "float32) or auto (bfloat16 where the device has it natively)",
     ),
     "reconstruction_holdout": ConfigFlag(
         float, "share of the calibration batches held out to choose the block reconstruction's epochs"

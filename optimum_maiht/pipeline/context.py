@@ -37,8 +37,8 @@ class BlockContext:
     norm after the last block), a float32 copy on the compute device: the reconstruct stage measures the
     output error through it, as the model reads it. ``None``: on the raw output."""
     precision: torch.dtype | None = None
-    """The dtype of its refit's passes with block reconstruction on (``reconstruction_precision`` resolved,
-    probed and agreed before its first pass: :func:`~.reconstruct.block_precision`); ``None``: off."""
+    """The dtype of its passes (``compute_dtype`` resolved, probed and agreed before its first pass:
+    :func:`~.precision.block_dtype`); ``None``: not decided (its own dtype, float32 for a refit)."""
 
     @property
     def autocast(self) -> torch.dtype | None:
@@ -48,6 +48,13 @@ class BlockContext:
             return None
         own = {p.dtype for p in self.block.parameters() if p.is_floating_point()}
         return self.precision if own == {torch.float32} else None
+
+    @property
+    def pass_dtype(self) -> torch.dtype:
+        """The dtype of the matrix products of its calibration passes: :attr:`autocast`, else its weights'
+        (the first floating-point one's)."""
+        own = next((p.dtype for p in self.block.parameters() if p.is_floating_point()), torch.float32)
+        return self.autocast or own
 
     def replay(self, after_batch: Callable[[], None] | None = None) -> list[Tensor]:
         """The block's outputs on every calibration batch (no grad), parked."""

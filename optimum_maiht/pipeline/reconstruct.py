@@ -15,7 +15,7 @@ by the few tokens with massive activations (the first of each window in most LLM
 pruned weights are set to exactly zero, so Adam's moments and steps there stay zero and the sparsity
 pattern never changes (the zeros are re-imposed once more at the end). The rate falls linearly to 0 over
 the last ``reconstruction_decay`` of the steps, and the forward and backward passes may run under bfloat16
-autocast (``reconstruction_precision``; the weights and Adam stay float32). The number
+autocast (``compute_dtype``; the weights and Adam stay float32). The number
 of epochs is chosen on held-out calibration batches: the weights with the lowest held-out error are kept,
 the starting weights included, so the refit never makes the held-out error worse. The errors reported are
 those held-out ones, before and after: measured on windows no step has seen.
@@ -38,9 +38,11 @@ from torch import Tensor, nn
 
 from ..configuration import MAIHTConfig
 from ..distributed import Parallel
+from ..model_utils import dtype_name
 from ..report import BlockReconstruction, LayerReport
 from .capture import BlockCall
 from .context import BlockContext
+from .precision import agreed_dtype, resolve_compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -256,9 +258,9 @@ def reconstruct_block(
     dtype = ctx.precision
     with _refit_problem(ctx, params, counts, config, parallel) as problem:
         if dtype is None:  # not decided by the pipeline: probed on a piece of the float32 block
-            wanted = refit_dtype(params[0].device, config.reconstruction_precision)
+            wanted = resolve_compute_dtype(params[0].device, config.compute_dtype)
             pieces = len(problem.targets)
-            dtype = _agreed_dtype(problem.forward, pieces, wanted, params[0].device, parallel, ctx.index)
+            dtype = agreed_dtype(problem.forward, pieces, wanted, params[0].device, parallel, ctx.index)
         fit = refit_block(
             problem.forward,
             problem.leaves,
@@ -292,83 +294,8 @@ def reconstruct_block(
         fit.epochs,
         fit.epochs_run,
         seconds,
-        precision=_name(dtype),
+        precision=dtype_name(dtype),
     )
-
-
-def block_precision(ctx: BlockContext, config: MAIHTConfig, parallel: Parallel) -> torch.dtype:
-    """The dtype of the block's refit and, for a float32 block, of its calibration passes
-    (:attr:`BlockContext.autocast`): ``reconstruction_precision`` resolved on the compute device, probed on
-    the block's first batch and agreed by every rank (:func:`_agreed_dtype`). Decided before the first pass,
-    so that the statistics, the dense targets, the refit and the propagation all run in it. bfloat16 passes
-    on the 2-core AMD EPYC (AVX512-BF16): a Gemma3-270M block over 128 windows of 512 in 0.60x its float32
-    time (0.75x with the Gram products, which stay float32), its outputs 5e-5 off in relative squared error,
-    against held-out refit errors of 0.05-0.2 (docs/design.md, "Block reconstruction")."""
-    device = ctx.placement.compute
-    wanted = refit_dtype(device, config.reconstruction_precision)
-
-    def forward(k: int) -> Tensor:
-        return ctx.calls[k].run(ctx.block, ctx.placement.fetch(ctx.hidden[k]))
-
-    return _agreed_dtype(forward, len(ctx.hidden), wanted, device, parallel, ctx.index)
-
-
-def _agreed_dtype(
-    forward: Callable[[int], Tensor],
-    pieces: int,
-    dtype: torch.dtype,
-    device: torch.device,
-    parallel: Parallel,
-    index: int,
-) -> torch.dtype:
-    """``dtype`` where every rank wants it and the block's forward runs under autocast to it on every rank,
-    else float32 (every rank takes the same steps, so they must agree). A forward that fails under autocast
-    (a model's own code writing a bfloat16 result into a float32 buffer, say) is reported with a warning.
-    Probed on ``forward(0)``, without gradients: the cost of one batch's forward."""
-    reason = None
-    if dtype != torch.float32 and pieces:
-        try:
-            with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
-                forward(0)
-        except (RuntimeError, TypeError, ValueError) as err:
-            reason = f"{type(err).__name__}: {err}"
-    plain, failed = parallel.sum([1.0 if dtype == torch.float32 else 0.0, 0.0 if reason is None else 1.0])
-    if failed:
-        logger.warning(
-            "block %d: its forward fails under %s autocast (%s); running it in float32",
-            index,
-            _name(dtype),
-            reason or "on another rank",
-        )
-    return torch.float32 if plain or failed else dtype
-
-
-def _name(dtype: torch.dtype) -> str:
-    """``"bfloat16"`` for ``torch.bfloat16``: as ``reconstruction_precision`` and the report spell it."""
-    return str(dtype).removeprefix("torch.")
-
-
-def refit_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype of the refit's forward and backward passes on ``device`` for ``reconstruction_precision``:
-    ``"auto"`` is bfloat16 where the device multiplies it natively (:func:`native_bfloat16`), else float32.
-    Measured on the 2-core AMD EPYC (AVX512-BF16): an epoch in 0.67-0.73x its float32 time on SmolLM2-135M's
-    blocks and 0.62-0.71x on Gemma3-270M's, with the same held-out errors under the rate's decay
-    (docs/design.md, "Block reconstruction")."""
-    if precision == "bfloat16" or (precision == "auto" and native_bfloat16(device)):
-        return torch.bfloat16
-    return torch.float32
-
-
-def native_bfloat16(device: torch.device) -> bool:
-    """Whether ``device`` multiplies bfloat16 matrices natively: a CUDA GPU with bfloat16 (not emulated), a
-    CPU with AVX512-BF16 or AMX tiles (elsewhere bfloat16 runs through float32 conversions, slower than
-    float32 itself)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type == "cpu":  # torch's own probes (as its compiler uses them); absent: not known to be fast
-        probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-        return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
-    return False
 
 
 def holdout_error(

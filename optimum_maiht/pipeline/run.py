@@ -78,6 +78,7 @@ def prune_model(
         layers=result.layers,
         kept_dense=result.kept_dense,
         block_seconds=result.block_seconds,
+        block_dtypes=result.block_dtypes,
         reconstruction=result.reconstruction if config.reconstruction_epochs > 0 else None,
         base_model=getattr(getattr(model, "config", None), "name_or_path", None),
         calibration=calibration,

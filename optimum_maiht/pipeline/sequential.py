@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..configuration import MAIHTConfig
 from ..distributed import SINGLE, Parallel
 from ..experts import eager_experts
-from ..model_utils import final_norm, find_decoder_blocks
+from ..model_utils import dtype_name, final_norm, find_decoder_blocks
 from ..report import BlockReconstruction, KeptDense, LayerReport
 from ..solvers import LayerSolver
 from ..targets import find_targets, kept_dense_weights
@@ -37,7 +37,8 @@ from .capture import (
     replay,
 )
 from .context import BlockContext
-from .reconstruct import block_precision, holdout_error, reconstruct_block, refit_skip_reason
+from .precision import block_dtype
+from .reconstruct import holdout_error, reconstruct_block, refit_skip_reason
 from .solve import Solving, solve_block
 from .store import IN_MEMORY, BlockStore, FinishedBlock
 
@@ -51,12 +52,15 @@ class SequentialResult:
     layers: list[LayerReport]
     kept_dense: list[KeptDense]
     block_seconds: list[float] = field(default_factory=list)
+    block_dtypes: list[str | None] = field(default_factory=list)
+    """Per block, the dtype of the matrix products of its passes."""
     reconstruction: list[BlockReconstruction] = field(default_factory=list)
     """Per block, when block reconstruction is on."""
 
     def add(self, record: FinishedBlock) -> None:
         self.layers += record.layers
         self.block_seconds.append(record.seconds)
+        self.block_dtypes.append(record.dtype)
         if record.reconstruction is not None:
             self.reconstruction.append(record.reconstruction)
 
@@ -114,12 +118,12 @@ def prune_sequential(
             if dense is not None and resumed:  # its dense outputs before load() gives its pruned weights
                 store.load_dense(i, blocks[i])
                 dense_block = BlockContext(i, blocks[i].to(device), targets[i], calls[i], dense, placement)
-                precision = dense_block.precision = block_precision(dense_block, config, parallel)
+                precision = dense_block.precision = block_dtype(dense_block, config, parallel)
                 dense = dense_block.replay()
             finished = store.load(i, blocks[i])
             ctx = BlockContext(i, blocks[i].to(device), targets[i], calls[i], hidden, placement)
-            if dense is not None:  # the dtype its passes run in: a finished block's as its dense pass's
-                ctx.precision = precision if resumed else block_precision(ctx, config, parallel)
+            # the dtype its passes run in, decided before the first (a finished block's as its dense pass's)
+            ctx.precision = precision if precision is not None else block_dtype(ctx, config, parallel)
             if dense is not None and not resumed:
                 ctx.reader = _reader(model, blocks_name, blocks, i, reader_name, store, device)
                 if refit_skip_reason(ctx, config, parallel) is None:
@@ -133,7 +137,8 @@ def prune_sequential(
             _warn_non_finite(i, hidden)
             blocks[i].to(home)
             if finished is None:
-                finished = FinishedBlock(layers, round(time.perf_counter() - start, 3), rebuilt)
+                seconds = round(time.perf_counter() - start, 3)
+                finished = FinishedBlock(layers, seconds, rebuilt, dtype_name(ctx.pass_dtype))
                 store.done(i, blocks[i], finished)
             store.release(i, blocks[i])
             result.add(finished)

@@ -13,11 +13,13 @@ from ..report import BlockReconstruction, LayerReport
 
 @dataclass
 class FinishedBlock:
-    """A pruned block's record: its layer reports, wall time and reconstruction report."""
+    """A pruned block's record: its layer reports, wall time, reconstruction report and the dtype of its
+    passes."""
 
     layers: list[LayerReport]
     seconds: float
     reconstruction: BlockReconstruction | None = None
+    dtype: str | None = None
 
 
 class BlockStore:

@@ -52,7 +52,9 @@ class PartialRun:
             layers = [LayerReport.from_dict(layer) for layer in data["layers"]]
             rebuilt = data.get("reconstruction")
             rebuilt = None if rebuilt is None else BlockReconstruction.from_dict(rebuilt)
-            done[int(path.stem.split("-")[1])] = FinishedBlock(layers, data["seconds"], rebuilt)
+            dtype = data.get("dtype")
+            dtype = dtype if isinstance(dtype, str) else None  # a record from before it was kept: None
+            done[int(path.stem.split("-")[1])] = FinishedBlock(layers, data["seconds"], rebuilt, dtype)
         return done
 
     def block_file(self, index: int) -> Path:
@@ -77,7 +79,11 @@ class PartialRun:
         tmp = path.with_name(path.name + ".tmp")
         save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
         os.replace(tmp, path)
-        data: dict[str, Any] = {"layers": [r.to_dict() for r in record.layers], "seconds": record.seconds}
+        data: dict[str, Any] = {
+            "layers": [r.to_dict() for r in record.layers],
+            "seconds": record.seconds,
+            "dtype": record.dtype,
+        }
         if record.reconstruction is not None:
             data["reconstruction"] = record.reconstruction.to_dict()
         _write_atomic(path.with_suffix(".json"), json.dumps(data))

@@ -92,10 +92,6 @@ def local_snapshot(source: str | os.PathLike) -> tuple[Path, str]:
     return Path(huggingface_hub.snapshot_download(str(source), ignore_patterns=skipped)), str(source)
 
 
-def dtype_name(dtype: str | torch.dtype | None) -> str:
-    return "auto" if dtype in (None, "auto") else str(dtype).removeprefix("torch.")
-
-
 def empty_model(
     folder: Path, name: str, checkpoint: Checkpoint, dtype: str | torch.dtype | None
 ) -> nn.Module:

@@ -26,12 +26,12 @@ from torch import Tensor, nn
 from ..configuration import MAIHTConfig
 from ..conversion import CheckpointConversion
 from ..distributed import SINGLE, Parallel
-from ..model_utils import block_prefix, find_decoder_blocks
+from ..model_utils import block_prefix, dtype_name, find_decoder_blocks
 from ..pipeline.store import BlockStore, FinishedBlock
 from ..report import library_versions
 from ..writer import segment_of
 from .partial import PartialRun, check_folders, partial_folder
-from .source import Checkpoint, dtype_name, empty_model, local_snapshot, tensor_sha256
+from .source import Checkpoint, empty_model, local_snapshot, tensor_sha256
 
 logger = logging.getLogger(__name__)
 
