@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from conftest import calibration_ids, make_tiny_model  # noqa: E402
 from moe_models import make_moe_model  # noqa: E402
 
-# the refit in float32 on every machine ("auto" is bfloat16 on a CPU that has it), so that one and two
-# processes can be compared to 1e-3
+# every pass in float32 on every machine ("auto" is bfloat16 on a CPU that has it natively), so that one and
+# two processes can be compared to 1e-3
 SMALL = dict(
     num_samples=8,
     sequence_length=32,
@@ -144,7 +144,13 @@ def fail(where: str) -> None:
 # order on two ranks) into differences of up to the learning rate; test_two_processes_refit_blocks_with_the_
 # same_steps checks the refit under two ranks exactly
 STREAM = dict(
-    num_samples=8, sequence_length=32, batch_size=2, iterations=3, refit_iterations=3, reconstruction_epochs=0
+    num_samples=8,
+    sequence_length=32,
+    batch_size=2,
+    iterations=3,
+    refit_iterations=3,
+    reconstruction_epochs=0,
+    compute_dtype="float32",  # as SMALL's
 )
 STREAM_SHARD = "100KB"
 
