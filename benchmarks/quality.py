@@ -8,7 +8,7 @@ Methods (``--methods``):
 * ``wanda-llmc``, ``sparsegpt-llmc``: llm-compressor's ``WandaPruningModifier`` / ``SparseGPTModifier``
   through ``oneshot`` (its sequential pipeline, its defaults, ``lm_head`` ignored);
 * ``maiht``: ``optimum_maiht.MAIHTPruner`` at its defaults (since issue #29: mAIHT from SparseGPT's
-  solution, then one epoch of the block refit; ``--maiht-option key=value`` overrides a ``MAIHTConfig``
+  solution, then two epochs of the block refit; ``--maiht-option key=value`` overrides a ``MAIHTConfig``
   field, and the run is then labelled with it); ``maiht-fast``: the ``"fast"`` preset
   (``MAIHTConfig.from_preset("fast")``);
 * not run unless asked for: ``maiht-solve`` (the defaults without the refit: the layer solves alone),

@@ -4,7 +4,8 @@
     benchmarks/.venv-llmcompressor/bin/python benchmarks/refit_schedule.py --model GEMMA3_FOLDER --setting 50%
 
 Each variant (:data:`VARIANTS`: one float32 epoch at a constant rate, the former default; the same with the
-rate's decay; the decay in bfloat16; two bfloat16 epochs with the decay, the default) prunes the model cut
+rate's decay; the decay in bfloat16; two bfloat16 epochs with the decay, the default; and around it, the
+rates 2e-2 and 5e-3 and the decay over the last half of the steps) prunes the model cut
 to its first ``--blocks`` decoder blocks with the defaults otherwise, on the quality benchmark's calibration
 (128 x 512 tokens of WikiText-2 validation, seed 0). Each block's held-out output error before and after
 its refit comes from the report (``reconstruction``), with the refit's seconds and precision. Block 0 sees
@@ -34,6 +35,12 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "1 epoch, float32, decay": dict(reconstruction_epochs=1, compute_dtype="float32"),
     "1 epoch, bfloat16, decay": dict(reconstruction_epochs=1, compute_dtype="bfloat16"),
     "2 epochs, bfloat16, decay (defaults)": dict(compute_dtype="bfloat16"),
+    "2 epochs, bfloat16, decay, rate 2e-2": dict(compute_dtype="bfloat16", reconstruction_lr=2e-2),
+    "2 epochs, bfloat16, decay, rate 5e-3": dict(compute_dtype="bfloat16", reconstruction_lr=5e-3),
+    "2 epochs, bfloat16, decay over the last half": dict(compute_dtype="bfloat16", reconstruction_decay=0.5),
+    "2 epochs, bfloat16, decay over the last half, rate 2e-2": dict(
+        compute_dtype="bfloat16", reconstruction_decay=0.5, reconstruction_lr=2e-2
+    ),
 }
 
 
