@@ -147,7 +147,10 @@ def refit_block(
     best_error, best_epoch = before, 0
     best = [p.detach().clone() for p in params]
     steps = max(parallel.gather(len(train)))
-    pruned = [~mask for mask in masks]
+    # 1 where kept: a product with it zeroes a gradient's pruned entries (torch's masked_fill_ and where
+    # with a boolean mask took 6 ms for a 2048 x 640 tensor on a 2-core CPU, a product 0.2 ms: 7% of a
+    # Gemma3-270M block's refit). A -0.0 it leaves moves nothing: Adam's step there stays +0.0
+    kept = [mask.to(torch.uint8) for mask in masks]
     optimizer = _adam(params, masks, config.reconstruction_lr)
     rates = [group["lr"] for group in optimizer.param_groups]
     total = config.reconstruction_epochs * steps
@@ -162,7 +165,7 @@ def refit_block(
             for group, rate in zip(optimizer.param_groups, rates, strict=True):
                 group["lr"] = rate * min(1.0, left / tail) if tail > 0 else rate
             batch = order[step] if step < len(order) else None
-            finite = _step(forward, params, pruned, targets, batch, parallel, dtype)
+            finite = _step(forward, params, kept, targets, batch, parallel, dtype)
             if not finite:  # diverged: every rank sees it and stops here
                 break
             optimizer.step()  # a zero gradient leaves Adam's moments, hence its step, exactly zero
@@ -202,14 +205,14 @@ def _adam(params: Sequence[Tensor], masks: Sequence[Tensor], lr: float) -> torch
 def _step(
     forward: Callable[[int], Tensor],
     params: Sequence[Tensor],
-    pruned: Sequence[Tensor],
+    kept: Sequence[Tensor],
     targets: Sequence[Tensor],
     batch: int | None,
     parallel: Parallel,
     dtype: torch.dtype = torch.float32,
 ) -> bool:
     """Set each parameter's ``grad`` to the gradient of the relative error of ``batch`` (``None``: this
-    rank has no batch at this step), averaged over the ranks that had one, and exactly zero where ``pruned``
+    rank has no batch at this step), averaged over the ranks that had one, and zero where ``kept`` is 0
     (so the pruned weights stay zero through Adam's step: its moments there stay zero); whether the loss was
     finite on every rank. The forward runs under autocast to ``dtype`` unless it is float32; the gradients
     of the float32 leaves are float32 either way."""
@@ -231,8 +234,8 @@ def _step(
     grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, found, strict=True)]
     parallel.sum_tensors([*grads, flags], error)
     count, nonfinite = flags.tolist()
-    for p, grad, zero in zip(params, grads, pruned, strict=True):
-        p.grad = grad.masked_fill_(zero, 0.0) if count <= 1 else grad.masked_fill_(zero, 0.0).div_(count)
+    for p, grad, keep in zip(params, grads, kept, strict=True):
+        p.grad = grad.mul_(keep) if count <= 1 else grad.mul_(keep).div_(count)
     return nonfinite == 0
 
 
