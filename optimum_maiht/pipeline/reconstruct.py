@@ -50,7 +50,8 @@ PATIENCE = 2
 """Epochs without a lower held-out error after which the refit stops."""
 REFIT_BYTES_PER_WEIGHT = 22
 """What the refit holds per pruned weight: its float32 copy, the best weights saved, the gradient and Adam's
-two moments (4 bytes each) and two boolean masks."""
+two moments (4 bytes each) and two masks (a byte each: which weights are kept, and the 0/1 factor of the
+gradients)."""
 CUT_TOLERANCE = 1e-4
 """A call cut by rows must give the whole batch's outputs for those rows within this relative difference."""
 
