@@ -5,7 +5,8 @@
 
 Each variant (:data:`VARIANTS`: one float32 epoch at a constant rate, the former default; the same with the
 rate's decay; the decay in bfloat16; two bfloat16 epochs with the decay, the default; and around it, the
-rates 2e-2 and 5e-3 and the decay over the last half of the steps) prunes the model cut
+rates 2e-2 and 5e-3, the decay over the last half of the steps, and mAIHT's 20 iterations / 30 CG steps
+instead of 5 / 5 before the refit) prunes the model cut
 to its first ``--blocks`` decoder blocks with the defaults otherwise, on the quality benchmark's calibration
 (128 x 512 tokens of WikiText-2 validation, seed 0). Each block's held-out output error before and after
 its refit comes from the report (``reconstruction``), with the refit's seconds and precision. Block 0 sees
@@ -40,6 +41,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "2 epochs, bfloat16, decay over the last half": dict(compute_dtype="bfloat16", reconstruction_decay=0.5),
     "2 epochs, bfloat16, decay over the last half, rate 2e-2": dict(
         compute_dtype="bfloat16", reconstruction_decay=0.5, reconstruction_lr=2e-2
+    ),
+    "2 epochs, bfloat16, decay, mAIHT 20 iterations / 30 CG": dict(
+        compute_dtype="bfloat16", iterations=20, refit_iterations=30
     ),
 }
 

@@ -72,13 +72,19 @@ def latest(
     return table
 
 
+def calibration(record: dict[str, Any]) -> tuple[int, int]:
+    """(windows, tokens per window) of a record's calibration."""
+    return record["calibration"]["num_samples"], record["calibration"]["sequence_length"]
+
+
 def latest_by_machine(
     records: list[dict[str, Any]],
-) -> dict[tuple[str, int], dict[tuple[str, str], dict[str, Any]]]:
-    """``{(machine, eval windows): {(method, setting): latest record}}``, the newest machine's first."""
-    table = latest(records, key=lambda r: (machine_name(r["machine"]), r["eval"]["windows"]))
+) -> dict[tuple[str, int, tuple[int, int]], dict[tuple[str, str], dict[str, Any]]]:
+    """``{(machine, eval windows, calibration): {(method, setting): latest record}}``, the newest machine's
+    first, then the most calibration windows: runs on another calibration never replace a cell."""
+    table = latest(records, key=lambda r: (machine_name(r["machine"]), r["eval"]["windows"], calibration(r)))
     newest = machine_name(records[-1]["machine"])
-    return dict(sorted(table.items(), key=lambda kv: (kv[0][0] != newest, -kv[0][1])))
+    return dict(sorted(table.items(), key=lambda kv: (kv[0][0] != newest, -kv[0][1], -kv[0][2][0])))
 
 
 def _cell(record: dict[str, Any] | None, field: str) -> str:
@@ -97,13 +103,11 @@ def render(records: list[dict[str, Any]]) -> str:
     """The Markdown report: one section per evaluation size."""
     lines = ["# Quality benchmark: mAIHT vs SparseGPT and Wanda (llm-compressor)", ""]
     first = records[-1]
-    calib = first["calibration"]
     lines += [
         f"Model: {first['model']}. Every method prunes the linear layers of the decoder blocks (not "
-        "`lm_head`, tied to the embedding) on the same calibration tensor: "
-        f"{calib['num_samples']} windows x {calib['sequence_length']} tokens of WikiText-2 validation, seed "
-        f"{calib['seed']} (SHA-256 `{calib['sha256'][:12]}…`). Perplexity on WikiText-2 test, "
-        "non-overlapping "
+        "`lm_head`, tied to the embedding) on the same calibration tensor within a section: its windows x "
+        "tokens of WikiText-2 validation, seed 0 (the section's title says how many; each record "
+        "carries the tensor's SHA-256). Perplexity on WikiText-2 test, non-overlapping "
         "windows of 512 tokens, each starting with BOS. Prune time is the wall time of the pruning call "
         "(calibration forwards included); peak memory is the run's peak resident set (its own process, "
         "evaluation included). Measured sparsity is the share of exact zeros in the pruned layers: each "
@@ -112,7 +116,7 @@ def render(records: list[dict[str, Any]]) -> str:
         "run that shared the machine with other work: not a timing.",
         "",
     ]
-    for (machine, windows), runs in latest_by_machine(records).items():
+    for (machine, windows, (samples, length)), runs in latest_by_machine(records).items():
         any_run = next(iter(runs.values()))
         scope = (
             "the whole test split"
@@ -123,7 +127,11 @@ def render(records: list[dict[str, Any]]) -> str:
         settings = _order(list({s for _, s in runs if s != "dense"}), SETTING_ORDER)
         dense = runs.get(("dense", "dense"))
         tokens = any_run["eval"]["tokens"]
-        lines += [f"## On {machine}: evaluation on {scope}, {windows} windows, {tokens} tokens", ""]
+        lines += [
+            f"## On {machine}: calibration {samples} x {length} tokens, evaluation on {scope}, {windows} "
+            f"windows, {tokens} tokens",
+            "",
+        ]
         if dense is not None:
             lines += [f"Dense perplexity: **{dense['ppl']:.2f}**.", ""]
         for field, title in (
@@ -185,9 +193,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 
     # every setting the records hold, each method's latest run of it on whichever machine: perplexity
     # barely depends on the machine (within 3% between the machines here: SparseGPT's most), unlike time
-    tables = latest(records)
-    windows = max(tables, key=lambda w: (len(tables[w]), w))
-    runs = tables[windows]
+    tables = latest(records, key=lambda r: (r["eval"]["windows"], calibration(r)))
+    chosen = max(tables, key=lambda k: (len(tables[k]), k))
+    windows, runs = chosen[0], tables[chosen]
     methods = [m for m in _order(list({m for m, _ in runs}), METHOD_ORDER) if m != "dense"]
     settings = _order(list({s for _, s in runs if s != "dense"}), SETTING_ORDER)
     fig, ax = plt.subplots(figsize=(9, 5.4))
