@@ -100,7 +100,7 @@ def _cell(record: dict[str, Any] | None, field: str) -> str:
 
 
 def render(records: list[dict[str, Any]]) -> str:
-    """The Markdown report: one section per evaluation size."""
+    """The Markdown report: one section per machine, evaluation size and calibration size."""
     lines = ["# Quality benchmark: mAIHT vs SparseGPT and Wanda (llm-compressor)", ""]
     first = records[-1]
     lines += [
