@@ -103,10 +103,11 @@ def render(records: list[dict[str, Any]]) -> str:
     """The Markdown report: one section per machine, evaluation size and calibration size."""
     lines = ["# Quality benchmark: mAIHT vs SparseGPT and Wanda (llm-compressor)", ""]
     first = records[-1]
+    seeds = ", ".join(str(seed) for seed in sorted({r["calibration"]["seed"] for r in records}))
     lines += [
         f"Model: {first['model']}. Every method prunes the linear layers of the decoder blocks (not "
         "`lm_head`, tied to the embedding) on the same calibration tensor within a section: its windows x "
-        "tokens of WikiText-2 validation, seed 0 (the section's title says how many; each record "
+        f"tokens of WikiText-2 validation, seed {seeds} (the section's title says how many; each record "
         "carries the tensor's SHA-256). Perplexity on WikiText-2 test, non-overlapping "
         "windows of 512 tokens, each starting with BOS. Prune time is the wall time of the pruning call "
         "(calibration forwards included); peak memory is the run's peak resident set (its own process, "
