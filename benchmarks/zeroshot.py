@@ -43,7 +43,7 @@ from typing import Any
 BENCH_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH_DIR))
 
-from bench_common import BEFORE_29, RESULTS_DIR, command_line, load_demo, machine, versions  # noqa: E402
+from bench_common import RESULTS_DIR, command_line, load_demo, machine, versions  # noqa: E402
 
 SETTINGS = {"dense": None, "50%": {"sparsity": 0.5}, "2:4": {"pattern": "2:4"}}
 TASKS = ("wt2_next_sentence", "wt2_last_word", "wt2_word_order")
@@ -194,7 +194,7 @@ def run_setting(name: str, tasks_dir: Path, args: argparse.Namespace) -> dict[st
     model, tokenizer, _ = load_demo()
     record: dict[str, Any] = {"setting": name}
     if SETTINGS[name] is not None:
-        config = MAIHTConfig(num_samples=args.num_samples, sequence_length=512, **SETTINGS[name], **BEFORE_29)
+        config = MAIHTConfig(num_samples=args.num_samples, sequence_length=512, **SETTINGS[name])
         pruner = MAIHTPruner(model, config, tokenizer=tokenizer, device="cpu")
         start = time.perf_counter()
         pruner.prune("wikitext2-validation", progress=False)
