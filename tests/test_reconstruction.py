@@ -262,6 +262,27 @@ def test_the_rate_falls_linearly_over_the_last_share_of_the_steps(monkeypatch: p
         assert [r[0] / base for r in rates] == pytest.approx(expected, rel=1e-6)
 
 
+def test_the_refit_stops_early_only_once_its_rate_falls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Held-out errors that rise for two epochs and then fall: with the rate's decay in the third epoch the
+    refit runs to it and keeps that epoch (three epochs at the full rate say nothing about the decay); with a
+    constant rate it stops after :data:`PATIENCE` epochs without improvement and keeps the start."""
+    generator = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(16, 8, generator=generator) for _ in range(8)]
+    mask = torch.rand(4, 8, generator=generator) > 0.5
+    targets = [x @ torch.randn(4, 8, generator=generator).T for x in inputs]
+    for decay, run, kept in [(0.25, 3, 3), (0.0, 2, 0)]:
+        held_out = iter([1.0, 1.1, 1.2, 0.9])  # before, then after each epoch
+        monkeypatch.setattr(
+            "optimum_maiht.pipeline.reconstruct.output_error", lambda *args, errors=held_out: next(errors)
+        )
+        weight = (torch.randn(4, 8, generator=generator) * mask).requires_grad_()
+        cfg = config(reconstruction_epochs=3, reconstruction_decay=decay)
+        forward = functools.partial(lambda k, w: inputs[k] @ w.T, w=weight)
+        result = refit_block(forward, [weight], [mask], targets, (range(7), [7]), cfg, 0, SINGLE)
+        assert (result.epochs_run, result.epochs) == (run, kept), decay
+        assert result.holdout_history == [1.1, 1.2, 0.9][:run]
+
+
 def test_auto_precision_is_bfloat16_where_the_device_has_it_natively(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu = torch.device("cpu")
     for native in (True, False):

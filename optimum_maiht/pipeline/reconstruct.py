@@ -47,7 +47,7 @@ from .precision import agreed_dtype, resolve_compute_dtype
 logger = logging.getLogger(__name__)
 
 PATIENCE = 2
-"""Epochs without a lower held-out error after which the refit stops."""
+"""Epochs without a lower held-out error after which the refit stops, once its rate has begun to fall."""
 REFIT_BYTES_PER_WEIGHT = 22
 """What the refit holds per pruned weight: its float32 copy, the best weights saved, the gradient and Adam's
 two moments (4 bytes each) and two masks (a byte each: which weights are kept, and the 0/1 factor of the
@@ -136,11 +136,11 @@ def refit_block(
     most ``config.reconstruction_epochs`` epochs; the loss of a piece is the mean of its
     :func:`token_errors`, its forward and backward passes under autocast to ``dtype`` (float32: none).
     After each epoch the held-out error is measured (its forward under the same autocast, as the
-    error before: the guard compares like with like); the weights with the lowest
-    held-out error are kept (the starting ones included) and the refit stops after
-    :data:`PATIENCE` epochs without improvement or on a non-finite loss. With several ranks every step
-    averages the gradients of the ranks' pieces, so every rank takes the same steps and ends with the same
-    weights.
+    error before: the guard compares like with like); the weights with the lowest held-out error are kept
+    (the starting ones included). The refit stops on a non-finite loss, or after :data:`PATIENCE` epochs
+    without improvement once the rate has begun to fall: an epoch at the full rate that does not lower the
+    held-out error says little about the decay to come. With several ranks every step averages the
+    gradients of the ranks' pieces, so every rank takes the same steps and ends with the same weights.
     """
     train, holdout = split
     device_type = params[0].device.type
@@ -176,7 +176,8 @@ def refit_block(
             best_error, best_epoch = error, epoch
             for saved, p in zip(best, params, strict=True):
                 saved.copy_(p.detach())
-        if not math.isfinite(error) or epoch - best_epoch >= PATIENCE:
+        falling = tail <= 0 or epoch * steps > total - tail  # this epoch reached the decay (or has none)
+        if not math.isfinite(error) or (falling and epoch - best_epoch >= PATIENCE):
             break
     with torch.no_grad():
         for saved, p in zip(best, params, strict=True):
