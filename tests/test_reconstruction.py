@@ -264,7 +264,7 @@ def test_the_rate_falls_linearly_over_the_last_share_of_the_steps(monkeypatch: p
 
 def test_the_refit_stops_early_only_once_its_rate_falls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Held-out errors that rise for two epochs and then fall: with the rate's decay in the third epoch the
-    refit runs to it and keeps that epoch (three epochs at the full rate say nothing about the decay); with a
+    refit runs to it and keeps that epoch (two epochs at the full rate say nothing about the decay); with a
     constant rate it stops after :data:`PATIENCE` epochs without improvement and keeps the start."""
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(16, 8, generator=generator) for _ in range(8)]
