@@ -234,14 +234,21 @@ def test_the_refits_steps_follow_each_weights_scale() -> None:
     torch.testing.assert_close(ends[1][1], ends[0][1] / 10.0, rtol=1e-4, atol=1e-6)
 
 
-def test_the_rate_falls_linearly_over_the_last_share_of_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``reconstruction_decay``: the rate of every tensor is constant, then falls linearly over the last
-    share of all the epochs' steps (a step's rate is the base rate times the steps left, itself included,
-    over the decay's steps); 0 keeps it constant."""
+def one_layer_problem() -> tuple[torch.Generator, list[torch.Tensor], torch.Tensor, list[torch.Tensor]]:
+    """A seeded refit problem of one 4 x 8 linear layer: 8 pieces of 16 inputs, a random mask and the
+    outputs of a random dense layer; the generator goes on to draw the starting weights."""
     generator = torch.Generator().manual_seed(0)
     inputs = [torch.randn(16, 8, generator=generator) for _ in range(8)]
     mask = torch.rand(4, 8, generator=generator) > 0.5
     targets = [x @ torch.randn(4, 8, generator=generator).T for x in inputs]
+    return generator, inputs, mask, targets
+
+
+def test_the_rate_falls_linearly_over_the_last_share_of_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``reconstruction_decay``: the rate of every tensor is constant, then falls linearly over the last
+    share of all the epochs' steps (a step's rate is the base rate times the steps left, itself included,
+    over the decay's steps); 0 keeps it constant."""
+    generator, inputs, mask, targets = one_layer_problem()
     rates: list[list[float]] = []
     step = torch.optim.Adam.step
 
@@ -266,10 +273,7 @@ def test_the_refit_stops_early_only_once_its_rate_falls(monkeypatch: pytest.Monk
     """Held-out errors that rise for two epochs and then fall: with the rate's decay in the third epoch the
     refit runs to it and keeps that epoch (two epochs at the full rate say nothing about the decay); with a
     constant rate it stops after :data:`PATIENCE` epochs without improvement and keeps the start."""
-    generator = torch.Generator().manual_seed(0)
-    inputs = [torch.randn(16, 8, generator=generator) for _ in range(8)]
-    mask = torch.rand(4, 8, generator=generator) > 0.5
-    targets = [x @ torch.randn(4, 8, generator=generator).T for x in inputs]
+    generator, inputs, mask, targets = one_layer_problem()
     for decay, run, kept in [(0.25, 3, 3), (0.0, 2, 0)]:
         held_out = iter([1.0, 1.1, 1.2, 0.9])  # before, then after each epoch
         monkeypatch.setattr(
